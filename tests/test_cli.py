@@ -1,0 +1,124 @@
+"""The command line through CliRunner: build-index, search, --json, and a one-line error for each bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ohlora_rag.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):  # noqa: ANN201
+    return runner.invoke(app, list(args))
+
+
+def test_build_then_search(home: Path) -> None:
+    built = invoke("build-index", "-q")
+    assert built.exit_code == 0, built.output
+    assert "indexed 6 entries" in built.stdout
+    # The tiny encoder has no prompts: an entry's own text is its exact nearest neighbour.
+    text = "precision : true positives over predicted positives | key idea: few false alarms"
+    found = invoke("search", text, "--top-k", "2", "--json")
+    assert found.exit_code == 0, found.output
+    payload = json.loads(found.stdout)
+    assert payload["hits"][0]["id"] == "precision"
+    assert payload["hits"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert payload["hits"][0]["metadata"] == {"title": "precision"}
+    assert len(payload["hits"]) == 2 and payload["matched"] is True
+    plain = invoke("search", text, "-k", "1")
+    assert plain.exit_code == 0 and plain.stdout.startswith("1. [1.000] precision\n")
+
+
+def test_threshold_reports_no_match(home: Path) -> None:
+    assert invoke("build-index", "-q").exit_code == 0
+    result = invoke("search", "what is dropout", "--threshold", "1.0")
+    assert result.exit_code == 0
+    assert "no matching information: best score below the threshold 1.00" in result.stdout
+    assert "(below threshold)" in result.stdout
+
+
+def test_home_option_overrides_environment(home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("OHLORA_HOME", str(tmp_path / "elsewhere"))
+    result = runner.invoke(app, ["--home", str(home), "build-index", "-q"])
+    assert result.exit_code == 0, result.output
+    assert (home / "index" / "CURRENT").exists()
+
+
+def test_db_and_encoder_options(home: Path, tmp_path: Path) -> None:
+    db = tmp_path / "other.txt"
+    db.write_text("what is adam\nwhat is lora\nexplain dropout\n", encoding="utf-8")
+    encoder = tmp_path / "enc"
+    shutil.copytree(home / "models" / "sbert", encoder)
+    result = invoke("build-index", "--db", str(db), "--encoder", str(encoder), "--batch-size", "2", "-q")
+    assert result.exit_code == 0, result.output
+    assert f"indexed 3 entries from {db} with {encoder}" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (("search", "   "), 2, "error: the question is empty — ask something"),
+        (("search", "x", "--top-k", "0"), 2, "error: --top-k 0: must be at least 1"),
+        (("search", "x", "--threshold", "2"), 2, "error: --threshold 2.0: a cosine threshold must lie in [-1, 1]"),
+        (("build-index", "--batch-size", "0"), 2, "error: --batch-size 0: must be at least 1"),
+        (("build-index", "--db", "/nonexistent/db.csv"), 1, "error: concept DB /nonexistent/db.csv not found"),
+        (("build-index", "--encoder", "/nonexistent/model"), 1, "error: model '/nonexistent/model': no such folder"),
+        (("search", "what is lora"), 1, "— run `ohlora-rag build-index`"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(home: Path, args: tuple[str, ...], code: int, message: str) -> None:
+    result = invoke(*args)
+    assert result.exit_code == code
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+
+
+def test_unknown_hub_id_offline_lists_builtins(home: Path) -> None:
+    result = invoke("build-index", "--encoder", "no-such-org/no-such-model", "-q")
+    assert result.exit_code == 1
+    assert "built-in encoder: multilingual-e5-small" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_index_from_another_encoder_is_refused(home: Path, tmp_path: Path) -> None:
+    from tests.conftest import make_tiny_sbert
+
+    assert invoke("build-index", "-q").exit_code == 0
+    other = make_tiny_sbert(tmp_path / "other", seed=1)
+    result = invoke("search", "what is lora", "--encoder", str(other))
+    assert result.exit_code == 1
+    assert "was built with encoder" in result.stderr and "run `ohlora-rag build-index` to rebuild it" in result.stderr
+
+
+def test_bad_db_keeps_index(home: Path, tmp_path: Path) -> None:
+    assert invoke("build-index", "-q").exit_code == 0
+    current = (home / "index" / "CURRENT").read_text()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,body\n1,x\n", encoding="utf-8")
+    result = invoke("build-index", "--db", str(bad))
+    assert result.exit_code == 1 and "no 'text' column" in result.stderr
+    assert (home / "index" / "CURRENT").read_text() == current
+
+
+def test_help_is_fast_and_lists_commands() -> None:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "ohlora_rag", "--help"], capture_output=True, text=True, check=True)
+    elapsed = time.perf_counter() - start
+    for command in ("build-index", "search"):
+        assert command in proc.stdout
+    heavy = subprocess.run(
+        [sys.executable, "-c", "import sys, ohlora_rag.cli; print(sorted(m for m in ('torch','faiss','transformers','sentence_transformers') if m in sys.modules))"],
+        capture_output=True, text=True, check=True,
+    )
+    assert heavy.stdout.strip() == "[]"  # lazy imports: --help loads none of the heavy libraries
+    assert elapsed < 10  # generous; the real number is measured in bench/llm.py

@@ -1,0 +1,134 @@
+"""The Faiss store: exact inner-product results, the manifest, atomic publishing, survival of a killed build."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from ohlora_rag.config import IndexConfig, Paths
+from ohlora_rag.errors import DataFormatError, IndexNotFoundError
+from ohlora_rag.index import VectorIndex, active_build, load_index
+from ohlora_rag.indexing import build_index
+from ohlora_rag.models import fingerprint
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("nq", [1, 3, 40])
+def test_search_is_exact_against_numpy(nq: int) -> None:
+    rng = np.random.default_rng(0)
+    base, queries = _unit(rng, 5000, 32), _unit(rng, nq, 32)
+    index = VectorIndex.from_vectors(base)
+    scores, positions = index.search(queries, 5)
+    expected = np.argsort(-(queries @ base.T), axis=1)[:, :5]
+    np.testing.assert_array_equal(positions, expected)
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ base.T, expected, axis=1), rtol=1e-5)
+    assert faiss.omp_get_max_threads() >= 1 and faiss.cvar.distance_compute_blas_threshold != 8  # restored
+
+
+def test_k_is_capped_at_index_size() -> None:
+    index = VectorIndex.from_vectors(_unit(np.random.default_rng(1), 3, 8))
+    scores, positions = index.search(_unit(np.random.default_rng(2), 1, 8), 10)
+    assert positions.shape == (1, 3)
+
+
+def test_build_writes_flat_ip_index_and_manifest(home: Path) -> None:
+    paths = Paths.resolve()
+    report = build_index(IndexConfig(progress=False), paths)
+    stored = load_index(paths.index_dir)
+    raw = faiss.read_index(str(stored.folder / "faiss.index"))
+    assert isinstance(raw, faiss.IndexFlatIP) and raw.metric_type == faiss.METRIC_INNER_PRODUCT
+    assert raw.ntotal == 6 == report.manifest.count
+    assert sorted(p.name for p in stored.folder.iterdir()) == ["entries.parquet", "faiss.index", "manifest.json"]
+    manifest = json.loads((stored.folder / "manifest.json").read_text())
+    assert manifest["encoder"] == str(paths.sbert_dir)
+    assert manifest["encoder_fingerprint"] == fingerprint(paths.sbert_dir)
+    assert manifest["dim"] == 16 and manifest["count"] == 6 and manifest["format_version"] == 1
+    assert manifest["faiss_version"] == faiss.__version__ and len(manifest["corpus_hash"]) == 16
+    assert stored.entries.column("id").to_pylist()[0] == "cosine-similarity"
+    norms = np.linalg.norm(raw.reconstruct_n(0, raw.ntotal), axis=1)
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+
+
+def test_rebuild_replaces_old_build(home: Path) -> None:
+    paths = Paths.resolve()
+    build_index(IndexConfig(progress=False), paths)
+    one = active_build(paths.index_dir)
+    build_index(IndexConfig(progress=False), paths)
+    two = active_build(paths.index_dir)
+    assert one != two and not one.exists() and two.exists()
+
+
+def test_failed_build_keeps_previous_index(home: Path, tmp_path: Path) -> None:
+    paths = Paths.resolve()
+    build_index(IndexConfig(progress=False), paths)
+    before = active_build(paths.index_dir)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text\na\na\n", encoding="utf-8")
+    with pytest.raises(DataFormatError):
+        build_index(IndexConfig(db=bad, progress=False), paths)
+    assert active_build(paths.index_dir) == before
+    assert load_index(paths.index_dir).manifest.count == 6
+
+
+def test_missing_index_says_how_to_build(tmp_path: Path) -> None:
+    with pytest.raises(IndexNotFoundError, match=re.escape(f"no index at {tmp_path} — run `ohlora-rag build-index`")):
+        load_index(tmp_path)
+
+
+def test_killed_build_leaves_old_index_loadable(home: Path, tmp_path: Path) -> None:
+    """SIGKILL a build while it writes its files: the published index still loads and answers the same."""
+    paths = Paths.resolve()
+    build_index(IndexConfig(progress=False), paths)
+    before = load_index(paths.index_dir)
+    marker = tmp_path / "writing"
+    script = textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        import ohlora_rag.index as index_module
+        from ohlora_rag.config import IndexConfig, Paths
+        from ohlora_rag.indexing import build_index
+
+        real_fsync = index_module._fsync
+        def slow_fsync(path):
+            real_fsync(path)
+            Path({str(marker)!r}).write_text(str(path))
+            time.sleep(60)  # killed here, with a half-written build on disk
+        index_module._fsync = slow_fsync
+        build_index(IndexConfig(progress=False), Paths.resolve())
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ})
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert proc.poll() is None, "the build ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert any(p.name.startswith(".staging-") for p in paths.index_dir.iterdir())  # the half-written build
+    after = load_index(paths.index_dir)
+    assert after.folder == before.folder and after.manifest == before.manifest
+    query = np.ones((1, 16), np.float32) / 4.0
+    np.testing.assert_array_equal(after.vectors.search(query, 3)[1], before.vectors.search(query, 3)[1])
+    build_index(IndexConfig(progress=False), paths)  # the next build cleans the leftovers
+    assert not any(p.name.startswith(".staging-") for p in paths.index_dir.iterdir())
