@@ -166,3 +166,82 @@ def _check_duplicates(path: Path, values: Sequence[str], unit: str, column: str 
             col = "" if unit == "line" else f", column '{column}',"
             raise DataFormatError(f"{path}: {where}{col} hold {what} — delete or change one of them")
         first[value] = number
+
+
+PAIR_COLUMNS = ("user_question", "rag_retrieved_data", "similarity_score")
+
+
+@dataclass
+class Pairs:
+    """(question, entry, similarity score) rows for S-BERT training and evaluation."""
+
+    path: Path
+    questions: list[str]
+    entries: list[str]
+    scores: list[float]
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @property
+    def content_hash(self) -> str:
+        digest = hashlib.sha256()
+        for q, e, s in zip(self.questions, self.entries, self.scores):
+            digest.update(f"{q}\0{e}\0{s!r}\n".encode())
+        return digest.hexdigest()[:16]
+
+    def subset(self, rows: Sequence[int]) -> Pairs:
+        return Pairs(self.path, [self.questions[i] for i in rows], [self.entries[i] for i in rows], [self.scores[i] for i in rows])
+
+
+def _require_columns(path: Path, columns: dict[str, list[Any]], needed: Sequence[str], what: str) -> None:
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        found = ", ".join(columns) or "none"
+        raise DataFormatError(
+            f"{path}: missing column {', '.join(repr(m) for m in missing)} (columns found: {found}) — {what} needs columns {', '.join(needed)}"
+        )
+
+
+def _selected_rows(path: Path, columns: dict[str, list[Any]], split: str | None) -> list[int]:
+    """Rows to use: all, or those whose `data_type` equals `split` when that column exists."""
+    n = len(next(iter(columns.values()))) if columns else 0
+    if split is None or "data_type" not in columns:
+        return list(range(n))
+    rows = [i for i, v in enumerate(columns["data_type"]) if str(v).strip() == split]
+    if not rows:
+        kinds = sorted({str(v) for v in columns["data_type"]})
+        raise DataFormatError(f"{path}: no rows with data_type '{split}' (found: {', '.join(kinds)}) — mark the rows to use as '{split}'")
+    return rows
+
+
+def load_pairs(path: str | Path, split: str | None = "train") -> Pairs:
+    """Read S-BERT pairs: columns `user_question, rag_retrieved_data, similarity_score` (the original project's).
+
+    Args:
+        path: .csv or .parquet.
+        split: when the file has a `data_type` column, keep only rows with this value (None: keep all).
+    """
+    path = Path(path)
+    columns = read_table(path, "pairs file")
+    _require_columns(path, columns, PAIR_COLUMNS, "an S-BERT pairs file")
+    rows = _selected_rows(path, columns, split)
+    if not rows:
+        raise DataFormatError(f"{path} has no data rows — add (question, entry, score) rows")
+    questions, entries, scores = [], [], []
+    for i in rows:
+        number = i + 1
+        q, e, s = (columns[c][i] for c in PAIR_COLUMNS)
+        for name, value in (("user_question", q), ("rag_retrieved_data", e)):
+            if _missing(value):
+                raise DataFormatError(f"{path}: row {number}, column '{name}' is empty — fill it in or delete the row")
+        try:
+            score = float(s)
+        except (TypeError, ValueError):
+            raise DataFormatError(f"{path}: row {number}, column 'similarity_score' is {s!r}, not a number — use a value in [-1, 1]") from None
+        if not -1.0 <= score <= 1.0:
+            raise DataFormatError(f"{path}: row {number}, column 'similarity_score' is {score}, outside [-1, 1] — scores are cosine targets")
+        questions.append(str(q).strip())
+        entries.append(str(e).strip())
+        scores.append(score)
+    return Pairs(path, questions, entries, scores)

@@ -1,0 +1,188 @@
+"""Retrieval metrics (pair scores, ranking over a DB) and threshold calibration; answer metrics live with the LLM."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .data import Pairs
+from .encoder import Encoder
+
+
+@dataclass
+class PairMetrics:
+    """Predicted cosine vs target score over (question, entry) pairs, as the original project reported them."""
+
+    mse: float
+    mae: float
+    pearson: float
+    spearman: float
+    pairs: int
+
+
+@dataclass
+class RankingMetrics:
+    """Where the question's 1.0 entry lands when the question searches the whole DB."""
+
+    recall_at_1: float
+    recall_at_5: float
+    mrr_at_10: float
+    questions: int
+
+
+@dataclass
+class Calibration:
+    """The cosine threshold below which retrieval reports 'no matching information'.
+
+    precision: of the questions answered (top score >= threshold), the share answered with their right entry;
+    recall: of the questions whose top hit is right, the share answered;
+    coverage: of the questions that have an entry, the share answered.
+    """
+
+    threshold: float
+    precision: float
+    recall: float
+    coverage: float
+    answerable: int
+    unanswerable: int
+
+
+@dataclass
+class RetrievalReport:
+    pairs: PairMetrics
+    ranking: RankingMetrics | None
+    calibration: Calibration | None
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def pair_metrics(predicted: Sequence[float] | np.ndarray, target: Sequence[float] | np.ndarray) -> PairMetrics:
+    """MSE, MAE, Pearson and Spearman (average ranks for ties) of predicted vs target scores."""
+    p = np.asarray(predicted, dtype=np.float64)
+    t = np.asarray(target, dtype=np.float64)
+    err = p - t
+    return PairMetrics(
+        mse=float(np.mean(err**2)), mae=float(np.mean(np.abs(err))),
+        pearson=_correlation(p, t), spearman=_correlation(_ranks(p), _ranks(t)), pairs=len(p),
+    )
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denom = np.sqrt((a**2).sum() * (b**2).sum())
+    return float((a * b).sum() / denom) if denom > 0 else float("nan")
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their average rank."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    sorted_x = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def ranking_metrics(ranks: Sequence[int | None]) -> RankingMetrics:
+    """Args: ranks: per question, the 1-based rank of its first right entry (None: not in the top 10)."""
+    n = len(ranks)
+    if n == 0:
+        return RankingMetrics(float("nan"), float("nan"), float("nan"), 0)
+    r1 = sum(1 for r in ranks if r is not None and r <= 1) / n
+    r5 = sum(1 for r in ranks if r is not None and r <= 5) / n
+    mrr = sum(1.0 / r for r in ranks if r is not None and r <= 10) / n
+    return RankingMetrics(r1, r5, mrr, n)
+
+
+def calibrate(right: Sequence[float], wrong: Sequence[float], unanswerable: Sequence[float]) -> Calibration:
+    """Choose the threshold that maximises F1 of 'answer with the right entry' against everything else.
+
+    Args:
+        right: top scores of answerable questions whose top hit is right.
+        wrong: top scores of answerable questions whose top hit is wrong.
+        unanswerable: top scores of questions that no entry answers.
+    """
+    right_a, wrong_a, none_a = (np.asarray(x, dtype=np.float64) for x in (right, wrong, unanswerable))
+    candidates = np.unique(np.concatenate([right_a, wrong_a, none_a, [1.0]]))
+    best: tuple[float, float] | None = None
+    for t in candidates:
+        tp = float((right_a >= t).sum())
+        fp = float((wrong_a >= t).sum() + (none_a >= t).sum())
+        fn = float((right_a < t).sum())
+        f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+        if best is None or f1 > best[1]:
+            best = (float(t), f1)
+    assert best is not None
+    # Place the threshold halfway down to the next lower score, so a near-tie does not flip the decision.
+    t = best[0]
+    lower = candidates[candidates < t]
+    threshold = float((t + lower.max()) / 2) if len(lower) else t
+    answered_right = float((right_a >= threshold).sum())
+    answered = answered_right + float((wrong_a >= threshold).sum() + (none_a >= threshold).sum())
+    answerable = len(right_a) + len(wrong_a)
+    return Calibration(
+        threshold=round(threshold, 4),
+        precision=answered_right / answered if answered else float("nan"),
+        recall=answered_right / len(right_a) if len(right_a) else float("nan"),
+        coverage=float((right_a >= threshold).sum() + (wrong_a >= threshold).sum()) / answerable if answerable else float("nan"),
+        answerable=answerable, unanswerable=len(none_a),
+    )
+
+
+def evaluate_retrieval(encoder: Encoder, pairs: Pairs, db_texts: Sequence[str] | None = None, batch_size: int = 64) -> RetrievalReport:
+    """Pair metrics on `pairs`; ranking metrics and a threshold calibration over `db_texts`.
+
+    Args:
+        encoder: the encoder to measure.
+        pairs: (question, entry, score) rows.
+        db_texts: the DB to rank against; None means every distinct entry of `pairs`.
+
+    Ranking covers questions whose 1.0 entry is in the DB. Calibration takes as unanswerable both the questions
+    without a 1.0 entry and, for each answerable question, its best score once its own 1.0 entries are removed
+    from the DB (what the question would see if the DB lacked its entry).
+    """
+    from .index import VectorIndex
+
+    questions = sorted(set(pairs.questions))
+    q_row = {q: i for i, q in enumerate(questions)}
+    entries = sorted(set(pairs.entries) | set(db_texts or []))
+    e_row = {e: i for i, e in enumerate(entries)}
+    q_vecs = encoder.encode_queries(questions, batch_size=batch_size)  # (nq, d)
+    e_vecs = encoder.encode_passages(entries, batch_size=batch_size)  # (ne, d)
+    predicted = [float(q_vecs[q_row[q]] @ e_vecs[e_row[e]]) for q, e in zip(pairs.questions, pairs.entries)]
+    pm = pair_metrics(predicted, pairs.scores)
+
+    db = list(dict.fromkeys(db_texts)) if db_texts is not None else sorted(set(pairs.entries))
+    db_pos = {t: i for i, t in enumerate(db)}
+    positives: dict[str, set[int]] = {q: set() for q in questions}
+    for q, e, s in zip(pairs.questions, pairs.entries, pairs.scores):
+        if s >= 1.0 and e in db_pos:
+            positives[q].add(db_pos[e])
+    index = VectorIndex.from_vectors(e_vecs[[e_row[t] for t in db]])
+    k = min(len(db), 10 + max((len(p) for p in positives.values()), default=0))
+    scores, found = index.search(q_vecs, k)  # (nq, k)
+    ranks: list[int | None] = []
+    right, wrong, unanswerable = [], [], []
+    for q in questions:
+        row_scores, row_found = scores[q_row[q]].tolist(), found[q_row[q]].tolist()
+        pos = positives[q]
+        if not pos:
+            unanswerable.append(row_scores[0])
+            continue
+        rank = next((r for r, f in enumerate(row_found[:10], start=1) if f in pos), None)
+        ranks.append(rank)
+        (right if rank == 1 else wrong).append(row_scores[0])
+        others = [s for s, f in zip(row_scores, row_found) if f not in pos]
+        if others:
+            unanswerable.append(others[0])
+    ranking = ranking_metrics(ranks) if ranks else None
+    calibration = calibrate(right, wrong, unanswerable) if right and unanswerable else None
+    return RetrievalReport(pm, ranking, calibration)

@@ -1,0 +1,1 @@
+"""Training: S-BERT fine-tuning (sbert.py) and LoRA SFT of the LLM (llm.py)."""

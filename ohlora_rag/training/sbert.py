@@ -1,0 +1,153 @@
+"""`train-sbert`: fine-tune the encoder on (question, entry, score) pairs with SentenceTransformerTrainer."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import DEFAULT_ENCODER, Paths, SbertTrainConfig
+from ..data import Pairs, load_pairs
+from ..encoder import Encoder, quiet_transformers
+from ..errors import DataFormatError, UsageError
+from ..evaluate import RetrievalReport, evaluate_retrieval
+from ..models import ModelRef, resolve, write_manifest
+
+
+@dataclass
+class SbertTrainReport:
+    out: Path
+    steps: int
+    train_pairs: int
+    valid_pairs: int
+    seconds: float
+    pairs_per_second: float
+    report: RetrievalReport
+
+
+def split_by_question(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, Pairs]:
+    """Seeded split that keeps all pairs of a question on the same side (no question leaks into validation)."""
+    questions = sorted(set(pairs.questions))
+    random.Random(seed).shuffle(questions)
+    n_valid = max(1, round(len(questions) * fraction))
+    if n_valid >= len(questions):
+        raise DataFormatError(f"{pairs.path}: {len(questions)} distinct question(s) cannot be split into train and valid — add questions or pass --valid")
+    held = set(questions[:n_valid])
+    train_rows = [i for i, q in enumerate(pairs.questions) if q not in held]
+    valid_rows = [i for i, q in enumerate(pairs.questions) if q in held]
+    return pairs.subset(train_rows), pairs.subset(valid_rows)
+
+
+def _loss(name: str, model: Any) -> Any:
+    from sentence_transformers import losses
+
+    if name == "cosine":
+        return losses.CosineSimilarityLoss(model)
+    if name == "cosent":
+        return losses.CoSENTLoss(model)
+    return losses.MultipleNegativesRankingLoss(model)
+
+
+def _dataset(pairs: Pairs, loss: str) -> Any:
+    from datasets import Dataset
+
+    if loss == "mnrl":  # in-batch negatives: only the (question, right entry) pairs
+        keep = [i for i, s in enumerate(pairs.scores) if s >= 1.0]
+        return Dataset.from_dict({"anchor": [pairs.questions[i] for i in keep], "positive": [pairs.entries[i] for i in keep]})
+    return Dataset.from_dict({"sentence1": pairs.questions, "sentence2": pairs.entries, "score": pairs.scores})
+
+
+def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTrainReport:
+    """Fine-tune an S-BERT and save it (sentence-transformers folder + `ohlora_model.json`).
+
+    The folder is written next to `out` and swapped in only when training and evaluation succeed, so a failed or
+    interrupted run leaves the previous model intact; checkpoints for `--resume` live in `<out>.checkpoints/`.
+
+    Returns:
+        Throughput, sizes and the validation report (pair metrics, ranking, calibrated threshold).
+    """
+    import torch
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from transformers import TrainerCallback, set_seed
+
+    paths = paths or Paths.resolve()
+    out = Path(config.out) if config.out else paths.sbert_dir
+    pairs = load_pairs(config.data, split="train")
+    if config.valid:
+        train, valid = pairs, load_pairs(config.valid, split=None)
+    else:
+        train, valid = split_by_question(pairs, config.valid_fraction, config.seed)
+    if config.loss == "mnrl" and not any(s >= 1.0 for s in train.scores):
+        raise DataFormatError(f"{config.data}: --loss mnrl needs pairs with similarity_score 1.0")
+    base = resolve(config.base or DEFAULT_ENCODER, "encoder", paths)
+    if base.path.resolve() == out.resolve():
+        raise UsageError(f"--base {base.reference} is the output folder — train from another model or pass --out")
+    checkpoints = out.parent / f"{out.name}.checkpoints"
+    if config.resume and not any(checkpoints.glob("checkpoint-*")):
+        raise UsageError(f"--resume: no checkpoint in {checkpoints} — run once without --resume")
+
+    quiet_transformers()
+    set_seed(config.seed)
+    model = SentenceTransformer(str(base.path), device="cuda" if torch.cuda.is_available() else "cpu", local_files_only=True)
+    model.max_seq_length = config.max_seq_length
+    if config.freeze_embeddings:
+        model[0].auto_model.get_input_embeddings().weight.requires_grad_(False)
+    prompts = model.prompts or {}
+    column_prompts = None
+    if "query" in prompts and "passage" in prompts:
+        first, second = ("anchor", "positive") if config.loss == "mnrl" else ("sentence1", "sentence2")
+        column_prompts = {first: prompts["query"], second: prompts["passage"]}
+
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(checkpoints), num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=64, learning_rate=config.learning_rate, warmup_ratio=config.warmup_ratio,
+        seed=config.seed, data_seed=config.seed, save_strategy="epoch", save_total_limit=1, eval_strategy="epoch",
+        logging_strategy="epoch", report_to="none", prompts=column_prompts, disable_tqdm=not config.progress,
+        dataloader_drop_last=False, use_cpu=not torch.cuda.is_available(),
+    )
+    steps_done = {"n": 0}
+
+    class _Count(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            steps_done["n"] += 1
+
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=_dataset(train, config.loss), eval_dataset=_dataset(valid, config.loss),
+        loss=_loss(config.loss, model), callbacks=[_Count()],
+    )
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=True if config.resume else None)
+    seconds = time.perf_counter() - start
+    rows = len(trainer.train_dataset)
+
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save(str(staging))
+        report = evaluate_retrieval(Encoder(ModelRef(str(out), staging)), valid, sorted(set(pairs.entries) | set(valid.entries)))
+        threshold = report.calibration.threshold if report.calibration else None
+        write_manifest(
+            staging, kind="encoder", reference=str(out), base=base.reference, base_fingerprint=base.fingerprint,
+            data=str(config.data), data_hash=pairs.content_hash, valid=str(config.valid) if config.valid else None,
+            seed=config.seed, threshold=threshold, metrics=report.to_dict(),
+            config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        )
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    processed = min(steps_done["n"] * config.batch_size, rows * config.epochs)  # pairs seen in this run
+    return SbertTrainReport(
+        out=out, steps=steps_done["n"], train_pairs=rows, valid_pairs=len(valid), seconds=seconds,
+        pairs_per_second=processed / seconds if seconds else float("nan"), report=report,
+    )
