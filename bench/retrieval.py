@@ -162,7 +162,6 @@ def bench_search(sizes: list[int], d: int = 384, k: int = 5) -> None:
             assert np.array_equal(ours.search(q, k)[1], bare.search(q, k)[1])
             print(row([f"{n:,}", str(nq), f"{ours_s * 1e3:.1f}", f"{bare_s * 1e3:.1f}", f"{numpy_s * 1e3:.1f}", f"{floor_s * 1e3:.1f}", f"{ours_s / floor_s:.2f}x", f"{ours_s / numpy_s:.2f}x"], widths))
         print(f"   read bandwidth {bandwidth}")
-        del ours, bare, x
 
 
 def main() -> None:

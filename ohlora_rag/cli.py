@@ -58,7 +58,7 @@ def friendly(func: F) -> F:
 def main(
     home: Annotated[
         str | None,
-        typer.Option("--home", help="Folder holding data/, index/, models/ [default: $OHLORA_HOME, else the current folder]."),
+        typer.Option("--home", help="Folder holding data/, index/, models/ (default: $OHLORA_HOME, else the current folder)."),
     ] = None,
 ) -> None:
     _State.home = home
@@ -67,10 +67,10 @@ def main(
 @app.command("build-index")
 @friendly
 def build_index_cmd(
-    db: Annotated[Path | None, typer.Option("--db", help="Concept DB (.txt/.csv/.parquet) [default: data/concepts.csv].")] = None,
+    db: Annotated[Path | None, typer.Option("--db", help="Concept DB (.txt/.csv/.parquet) (default: data/concepts.csv).")] = None,
     encoder: Annotated[
         str | None,
-        typer.Option("--encoder", help="Encoder: folder, built-in alias or hub id [default: models/sbert/ if trained, else multilingual-e5-small]."),
+        typer.Option("--encoder", help="Encoder: folder, built-in alias or hub id (default: models/sbert/ if trained, else multilingual-e5-small)."),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per encoder batch.")] = _D.index.batch_size,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -95,9 +95,9 @@ def search_cmd(
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Entries to show.")] = _D.search.top_k,
     threshold: Annotated[
         float | None,
-        typer.Option("--threshold", help="Cosine below which nothing counts as a match [default: calibrated, else 0.5]."),
+        typer.Option("--threshold", help="Cosine below which nothing counts as a match (default: calibrated, else 0.5)."),
     ] = None,
-    encoder: Annotated[str | None, typer.Option("--encoder", help="Encoder to query with [default: the one build-index uses].")] = None,
+    encoder: Annotated[str | None, typer.Option("--encoder", help="Encoder to query with (default: the one build-index uses).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Retrieve the concept entries closest to a question (retrieval only, no LLM)."""
@@ -144,8 +144,8 @@ _REPORT_HEADER = f"{'model':<28}" + "".join(
 @friendly
 def train_sbert_cmd(
     data: Annotated[Path, typer.Option("--data", help="Pairs CSV/Parquet: user_question, rag_retrieved_data, similarity_score.")] = _D.sbert.data,
-    valid: Annotated[Path | None, typer.Option("--valid", help="Validation pairs [default: a seeded 10 % split by question].")] = None,
-    base: Annotated[str | None, typer.Option("--base", help="Encoder to start from [default: multilingual-e5-small].")] = None,
+    valid: Annotated[Path | None, typer.Option("--valid", help="Validation pairs (default: a seeded 10 % split by question).")] = None,
+    base: Annotated[str | None, typer.Option("--base", help="Encoder to start from (default: multilingual-e5-small).")] = None,
     epochs: Annotated[int, typer.Option("--epochs")] = _D.sbert.epochs,
     batch_size: Annotated[int, typer.Option("--batch-size")] = _D.sbert.batch_size,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = _D.sbert.learning_rate,
@@ -153,8 +153,9 @@ def train_sbert_cmd(
     seed: Annotated[int, typer.Option("--seed")] = _D.sbert.seed,
     max_seq_length: Annotated[int, typer.Option("--max-seq-length")] = _D.sbert.max_seq_length,
     train_embeddings: Annotated[bool, typer.Option("--train-embeddings", help="Also update the word-embedding matrix (slow on CPU).")] = False,
+    freeze_layers: Annotated[int, typer.Option("--freeze-layers", help="Keep the lowest N transformer layers fixed.")] = _D.sbert.freeze_layers,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
-    out: Annotated[Path | None, typer.Option("--out", help="Output folder [default: models/sbert].")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: models/sbert).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Fine-tune the S-BERT encoder on (question, entry, score) pairs; build-index then uses it."""
@@ -163,7 +164,7 @@ def train_sbert_cmd(
 
     config = SbertTrainConfig(
         data=data, valid=valid, base=base, epochs=epochs, batch_size=batch_size, learning_rate=lr, loss=loss, seed=seed,
-        max_seq_length=max_seq_length, freeze_embeddings=not train_embeddings, resume=resume, out=out, progress=not quiet,
+        max_seq_length=max_seq_length, freeze_embeddings=not train_embeddings, freeze_layers=freeze_layers, resume=resume, out=out, progress=not quiet,
     )
     result = train_sbert(config, _paths())
     typer.echo(
@@ -179,8 +180,8 @@ def train_sbert_cmd(
 @friendly
 def evaluate_retrieval_cmd(
     pairs: Annotated[Path, typer.Option("--pairs", help="Pairs CSV/Parquet to measure on (all rows are used).")],
-    model: Annotated[str | None, typer.Option("--model", help="Encoder to measure [default: models/sbert/ if trained].")] = None,
-    db: Annotated[Path | None, typer.Option("--db", help="DB to rank against [default: the entries of the pairs file].")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Encoder to measure (default: models/sbert/ if trained).")] = None,
+    db: Annotated[Path | None, typer.Option("--db", help="DB to rank against (default: the entries of the pairs file).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Pair metrics (MSE, MAE, Pearson, Spearman), ranking (R@1, R@5, MRR@10) and the calibrated threshold:
@@ -207,6 +208,225 @@ def evaluate_retrieval_cmd(
     typer.echo(_REPORT_HEADER)
     for name, rep in reports.items():
         _print_report(f"{name}: {Path(refs[name].reference).name}"[:27], rep)
+
+
+@app.command("train-llm")
+@friendly
+def train_llm_cmd(
+    data: Annotated[Path, typer.Option("--data", help="SFT CSV/Parquet: user_question, rag_retrieved_data, output_message.")] = _D.llm.data,
+    valid: Annotated[Path | None, typer.Option("--valid", help="Validation rows (eval loss per epoch).")] = None,
+    base_llm: Annotated[str | None, typer.Option("--base-llm", help="Base LLM: folder, built-in alias or hub id (default: smollm2-135m-instruct).")] = None,
+    template: Annotated[str, typer.Option("--template", help="auto | chat | plain | seed (the original Korean format).")] = _D.llm.template,
+    epochs: Annotated[int, typer.Option("--epochs")] = _D.llm.epochs,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = _D.llm.batch_size,
+    lora_r: Annotated[int, typer.Option("--lora-r")] = _D.llm.lora_r,
+    lora_alpha: Annotated[int, typer.Option("--lora-alpha")] = _D.llm.lora_alpha,
+    lora_dropout: Annotated[float, typer.Option("--lora-dropout")] = _D.llm.lora_dropout,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = _D.llm.learning_rate,
+    max_length: Annotated[int, typer.Option("--max-length", help="Longest prompt + answer in tokens.")] = _D.llm.max_length,
+    seed: Annotated[int, typer.Option("--seed")] = _D.llm.seed,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+    merge: Annotated[bool, typer.Option("--merge", help="Also write the merged model into <out>/merged.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: models/llm).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """LoRA-tune the answering LLM on (entry or no-info, question, answer) rows; loss on the answer only."""
+    from .config import LlmTrainConfig
+    from .training.llm import train_llm
+
+    config = LlmTrainConfig(
+        data=data, valid=valid, base_llm=base_llm, template=template, epochs=epochs, batch_size=batch_size,
+        learning_rate=lr, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, max_length=max_length,
+        seed=seed, resume=resume, merge=merge, out=out, progress=not quiet,
+    )
+    r = train_llm(config, _paths())
+    losses = f"train loss {r.train_loss:.3f}" if r.train_loss is not None else ""
+    if r.eval_loss is not None:
+        losses += f", eval loss {r.eval_loss:.3f}"
+    typer.echo(f"trained on {r.rows} rows ({r.steps} steps, {r.tokens_per_second:.0f} tokens/s, {r.seconds:.0f}s; {losses}) -> {r.out}")
+
+
+def _ask_config(top_k: int, threshold: float | None, max_new_tokens: int, temperature: float, seed: int,
+                base_llm: str | None, adapter: Path | None) -> Any:
+    from .config import AskConfig
+
+    return AskConfig(top_k=top_k, threshold=threshold, max_new_tokens=max_new_tokens, temperature=temperature,
+                     seed=seed, base_llm=base_llm, adapter=adapter)
+
+
+def _print_answer(answer: Any, streamed: bool) -> None:
+    if not streamed:
+        typer.echo(answer.answer)
+    if answer.used:
+        typer.echo(f"\nsource [{answer.used.score:.3f}] {answer.used.id}: {answer.used.text}")
+    else:
+        best = answer.sources[0].score if answer.sources else float("nan")
+        typer.echo(f"\nsource: none (best score {best:.3f} < threshold {answer.threshold:.2f})")
+
+
+_TopK = Annotated[int, typer.Option("--top-k", "-k", help="Entries to retrieve.")]
+_Threshold = Annotated[float | None, typer.Option("--threshold", help="Cosine below which the prompt says no information was found.")]
+_MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Longest answer in tokens.")]
+_Temp = Annotated[float, typer.Option("--temperature", help="0 = greedy (reproducible); above 0 samples.")]
+_Seed = Annotated[int, typer.Option("--seed", help="Seed for sampling.")]
+_BaseLLM = Annotated[str | None, typer.Option("--base-llm", help="Base LLM (default: the adapter's, else smollm2-135m-instruct).")]
+_Adapter = Annotated[Path | None, typer.Option("--adapter", help="LoRA adapter folder (default: models/llm).")]
+
+
+@app.command("ask")
+@friendly
+def ask_cmd(
+    question: Annotated[str | None, typer.Argument(help="The question (or use --file).")] = None,
+    file: Annotated[Path | None, typer.Option("--file", help="Batch: one question per line.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Batch: write one JSON object per line here (default: stdout).")] = None,
+    top_k: _TopK = _D.ask.top_k,
+    threshold: _Threshold = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: answer, sources, scores, timings.")] = False,
+    stream: Annotated[bool, typer.Option("--stream", help="Print the answer as it is generated.")] = False,
+    max_new_tokens: _MaxNew = _D.ask.max_new_tokens,
+    temperature: _Temp = _D.ask.temperature,
+    seed: _Seed = _D.ask.seed,
+    base_llm: _BaseLLM = None,
+    adapter: _Adapter = None,
+) -> None:
+    """Answer a question: retrieve the best entry, build the prompt, generate with the LoRA-tuned LLM."""
+    from .engine import QueryEngine
+    from .retriever import check_question
+
+    if (question is None) == (file is None):
+        raise _usage("give a question or --file FILE (one question per line), not both")
+    config = _ask_config(top_k, threshold, max_new_tokens, temperature, seed, base_llm, adapter)
+    questions = [check_question(question)] if question is not None else _read_questions(file)  # type: ignore[arg-type]
+    engine = QueryEngine.load(config, _paths())
+    if engine.notice:
+        typer.echo(f"notice: {engine.notice}", err=True)
+    if file is not None:
+        sink = out.open("w", encoding="utf-8") if out else None
+        try:
+            for q in questions:
+                line = json.dumps(engine.ask(q).to_dict(), ensure_ascii=False)
+                typer.echo(line, file=sink) if sink else typer.echo(line)
+        finally:
+            if sink:
+                sink.close()
+        if out:
+            typer.echo(f"wrote {len(questions)} answers to {out}", err=True)
+        return
+    on_text = (lambda piece: typer.echo(piece, nl=False)) if stream and not as_json else None
+    answer = engine.ask(questions[0], on_text=on_text)
+    if as_json:
+        typer.echo(json.dumps(answer.to_dict(), ensure_ascii=False))
+        return
+    if on_text:
+        typer.echo()
+    _print_answer(answer, streamed=on_text is not None)
+
+
+def _usage(message: str) -> Exception:
+    from .errors import UsageError
+
+    return UsageError(message)
+
+
+def _read_questions(path: Path) -> list[str]:
+    from .data import _decode
+    from .errors import DataFormatError
+
+    if not path.is_file():
+        raise DataFormatError(f"questions file {path} not found — check the path")
+    lines = [line.strip() for line in _decode(path).splitlines() if line.strip()]
+    if not lines:
+        raise DataFormatError(f"{path} is empty — write one question per line")
+    return lines
+
+
+@app.command("chat")
+@friendly
+def chat_cmd(
+    top_k: _TopK = _D.ask.top_k,
+    threshold: _Threshold = None,
+    max_new_tokens: _MaxNew = _D.ask.max_new_tokens,
+    temperature: _Temp = _D.ask.temperature,
+    seed: _Seed = _D.ask.seed,
+    base_llm: _BaseLLM = None,
+    adapter: _Adapter = None,
+) -> None:
+    """Ask questions in a loop (models loaded once). An empty line, 'exit' or Ctrl-D ends it."""
+    from .engine import QueryEngine
+
+    engine = QueryEngine.load(_ask_config(top_k, threshold, max_new_tokens, temperature, seed, base_llm, adapter), _paths())
+    if engine.notice:
+        typer.echo(f"notice: {engine.notice}", err=True)
+    typer.echo("Oh-LoRA ML tutor — ask a machine-learning question (empty line or 'exit' to quit).")
+    while True:
+        try:
+            question = input("\nyou> ").strip()
+        except EOFError:
+            break
+        if not question or question.lower() in {"exit", "quit"}:
+            break
+        typer.echo("tutor> ", nl=False)
+        answer = engine.ask(question, on_text=lambda piece: typer.echo(piece, nl=False))
+        typer.echo()
+        _print_answer(answer, streamed=True)
+
+
+@app.command("evaluate-answers")
+@friendly
+def evaluate_answers_cmd(
+    data: Annotated[Path, typer.Option("--data", help="SFT dev file: user_question, rag_retrieved_data, output_message.")] = Path("data/sft_dev.csv"),
+    full_pipeline: Annotated[bool, typer.Option("--full-pipeline", help="Start from the question alone (retrieval + threshold included).")] = False,
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N rows.")] = None,
+    top_k: _TopK = _D.ask.top_k,
+    threshold: _Threshold = None,
+    max_new_tokens: _MaxNew = _D.ask.max_new_tokens,
+    base_llm: _BaseLLM = None,
+    adapter: _Adapter = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Generate an answer per row: abstention accuracy on no-information rows, grounding, ROUGE-L."""
+    from .data import SftRows, load_sft
+    from .evaluate import evaluate_answers
+    from .generator import Generator, choose_llm
+
+    paths = _paths()
+    rows = load_sft(data if data.is_absolute() or data.exists() else paths.home / data, split=None)
+    if limit is not None:
+        rows = SftRows(rows.path, rows.questions[:limit], rows.entries[:limit], rows.answers[:limit])
+    config = _ask_config(top_k, threshold, max_new_tokens, 0.0, 0, base_llm, adapter)
+    choice = choose_llm(config.base_llm, config.adapter, paths)
+    generator = Generator(choice)
+    if choice.notice:
+        typer.echo(f"notice: {choice.notice}", err=True)
+
+    def generate(question: str, entry: str | None) -> str:
+        return generator.generate(generator.prompts.prompt(question, entry), max_new_tokens).text
+
+    retrieve = None
+    if full_pipeline:
+        from .config import SearchConfig
+        from .retriever import Retriever
+
+        retriever = Retriever.load(SearchConfig(top_k=top_k, threshold=threshold), paths)
+
+        def retrieve(question: str) -> str | None:
+            best = retriever.search(question, top_k).best
+            return best.text if best else None
+
+    metrics = evaluate_answers(generate, rows, retrieve)
+    if as_json:
+        typer.echo(json.dumps({"model": choice.adapter and str(choice.adapter) or choice.base.reference, **metrics.to_dict()}, ensure_ascii=False))
+        return
+    model = f"{choice.base.reference} + {choice.adapter}" if choice.adapter else f"{choice.base.reference} (no adapter)"
+    typer.echo(f"{model} on {rows.path} ({metrics.rows} rows, {metrics.no_info_rows} without information; "
+               f"{'full pipeline' if full_pipeline else 'gold entries'})")
+    typer.echo(f"  abstention accuracy  {metrics.abstention_accuracy:.3f}")
+    typer.echo(f"  false abstention     {metrics.false_abstention:.3f}")
+    typer.echo(f"  grounding            {metrics.grounding:.3f}")
+    typer.echo(f"  ROUGE-L              {metrics.rouge_l:.3f}")
+    if metrics.retrieval_agreement is not None:
+        typer.echo(f"  retrieval agreement  {metrics.retrieval_agreement:.3f}")
+    typer.echo(f"  seconds per answer   {metrics.seconds_per_answer:.2f}")
 
 
 def run() -> None:

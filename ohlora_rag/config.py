@@ -110,7 +110,8 @@ SBERT_LOSSES = ("cosine", "cosent", "mnrl")
 @dataclass
 class SbertTrainConfig:
     """`train-sbert` settings. The default recipe is the original project's (CosineSimilarityLoss, batch 16,
-    10 % warm-up, mean pooling, max_seq_length 64) made fast on CPU by freezing the word-embedding matrix."""
+    10 % warm-up, mean pooling, max_seq_length 64) made ~3x faster on CPU: the word embeddings and the lowest
+    4 layers stay fixed and matmuls run in bfloat16 where the hardware has it (bench/train_sbert.py)."""
 
     data: Path
     """Pairs file (.csv/.parquet) with user_question, rag_retrieved_data, similarity_score (+ optional data_type)."""
@@ -128,9 +129,13 @@ class SbertTrainConfig:
     max_seq_length: int = 64
     freeze_embeddings: bool = True
     """Keep the 96 M-parameter word-embedding matrix fixed: most of the model's size, little of its quality."""
+    freeze_layers: int = 4
+    """Also keep the embedding block and the lowest N transformer layers fixed (no backward pass through them)."""
+    bf16: bool | None = None
+    """bfloat16 autocast (fp32 master weights); None means on where the hardware has native bf16 (AVX512-BF16/AMX, or CUDA)."""
     valid_fraction: float = 0.1
     resume: bool = False
-    """Continue from the last checkpoint in <out>/checkpoints."""
+    """Continue from the last checkpoint in <out>.checkpoints/."""
     out: Path | None = None
     """Output folder; None means models/sbert under the home folder."""
     progress: bool = True
@@ -146,6 +151,80 @@ class SbertTrainConfig:
             raise UsageError(f"valid fraction {self.valid_fraction}: must lie in (0, 1)")
         if self.learning_rate <= 0:
             raise UsageError(f"--lr {self.learning_rate}: must be positive")
+        if self.freeze_layers < 0:
+            raise UsageError(f"--freeze-layers {self.freeze_layers}: must be 0 or more")
+
+
+@dataclass
+class LlmTrainConfig:
+    """`train-llm` settings: LoRA SFT with the original project's LoRA shape (r 64, alpha 16, dropout 0.05,
+    lr 3e-4, all attention and MLP projections), loss on the answer only, EOS learned."""
+
+    data: Path
+    """SFT file (.csv/.parquet): user_question, rag_retrieved_data, output_message (+ optional data_type)."""
+    valid: Path | None = None
+    """Validation rows for an eval loss per epoch; None means none."""
+    base_llm: str | None = None
+    """Base LLM; None means the built-in smollm2-135m-instruct."""
+    template: str = "auto"
+    """Prompt template: auto (the tokenizer's chat template, else plain), chat, plain, or seed (the original Korean format)."""
+    epochs: int = 3
+    batch_size: int = 8
+    learning_rate: float = 3e-4
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    max_length: int = 512
+    """Longest prompt + answer in tokens; a longer row is refused by the pre-flight check."""
+    seed: int = 42
+    bf16: bool | None = None
+    """bfloat16 autocast; None means on where the hardware has native bf16."""
+    resume: bool = False
+    merge: bool = False
+    """Also write the merged model (base + adapter) into <out>/merged."""
+    out: Path | None = None
+    """Output folder; None means models/llm under the home folder."""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        from .prompt import TEMPLATES
+
+        for name in ("epochs", "batch_size", "lora_r", "lora_alpha", "max_length"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UsageError(f"--lora-dropout {self.lora_dropout}: must lie in [0, 1)")
+        if self.learning_rate <= 0:
+            raise UsageError(f"--lr {self.learning_rate}: must be positive")
+        if self.template not in TEMPLATES:
+            raise UsageError(f"--template {self.template}: choose one of {', '.join(TEMPLATES)}")
+
+
+@dataclass
+class AskConfig:
+    """`ask` / `chat` settings."""
+
+    top_k: int = 3
+    """Entries retrieved (the best one goes into the prompt; all are reported as sources)."""
+    threshold: float | None = None
+    """Cosine below which the prompt says no matching information was found; None means calibrated or fallback."""
+    max_new_tokens: int = 160
+    temperature: float = 0.0
+    """0 means greedy decoding (reproducible); above 0 samples, seeded by `seed`."""
+    seed: int = 0
+    base_llm: str | None = None
+    """Base LLM; None means the one the adapter was trained on, else the built-in smollm2-135m-instruct."""
+    adapter: Path | None = None
+    """LoRA adapter folder; None means models/llm when trained."""
+    template: str | None = None
+    """Prompt template; None means the adapter's (or the tokenizer's chat template)."""
+
+    def __post_init__(self) -> None:
+        SearchConfig(top_k=self.top_k, threshold=self.threshold)  # same checks as search
+        if self.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens {self.max_new_tokens}: must be at least 1")
+        if self.temperature < 0:
+            raise UsageError(f"--temperature {self.temperature}: must be 0 (greedy) or more")
 
 
 @dataclass
@@ -155,3 +234,5 @@ class Defaults:
     index: IndexConfig = field(default_factory=IndexConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     sbert: SbertTrainConfig = field(default_factory=lambda: SbertTrainConfig(data=Path("data/sbert_train.csv")))
+    ask: AskConfig = field(default_factory=AskConfig)
+    llm: LlmTrainConfig = field(default_factory=lambda: LlmTrainConfig(data=Path("data/sft_train.csv")))

@@ -245,3 +245,60 @@ def load_pairs(path: str | Path, split: str | None = "train") -> Pairs:
         entries.append(str(e).strip())
         scores.append(score)
     return Pairs(path, questions, entries, scores)
+
+
+SFT_COLUMNS = ("user_question", "rag_retrieved_data", "output_message")
+
+
+@dataclass
+class SftRows:
+    """(retrieved entry or None, question, answer) rows for LoRA SFT; None means 'no matching information'."""
+
+    path: Path
+    questions: list[str]
+    entries: list[str | None]
+    answers: list[str]
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+    @property
+    def content_hash(self) -> str:
+        digest = hashlib.sha256()
+        for q, e, a in zip(self.questions, self.entries, self.answers):
+            digest.update(f"{q}\0{e or ''}\0{a}\n".encode())
+        return digest.hexdigest()[:16]
+
+
+def load_sft(path: str | Path, split: str | None = "train") -> SftRows:
+    """Read SFT rows: columns `user_question, rag_retrieved_data, output_message` (the original project's).
+
+    An empty `rag_retrieved_data`, or a no-information marker (the original's `알맞은 정보를 찾을 수 없음`), marks a row
+    whose answer must say that nothing matched.
+
+    Args:
+        path: .csv or .parquet.
+        split: when the file has a `data_type` column, keep only rows with this value (None: keep all).
+    """
+    from .prompt import NO_INFO_MARKERS
+
+    path = Path(path)
+    columns = read_table(path, "SFT file")
+    _require_columns(path, columns, SFT_COLUMNS, "an SFT file")
+    rows = _selected_rows(path, columns, split)
+    if not rows:
+        raise DataFormatError(f"{path} has no data rows — add (question, entry, answer) rows")
+    questions: list[str] = []
+    entries: list[str | None] = []
+    answers: list[str] = []
+    for i in rows:
+        number = i + 1
+        q, e, a = (columns[c][i] for c in SFT_COLUMNS)
+        for name, value in (("user_question", q), ("output_message", a)):
+            if _missing(value):
+                raise DataFormatError(f"{path}: row {number}, column '{name}' is empty — fill it in or delete the row")
+        entry = None if _missing(e) or str(e).strip() in NO_INFO_MARKERS else str(e).strip()
+        questions.append(str(q).strip())
+        entries.append(entry)
+        answers.append(str(a).strip())
+    return SftRows(path, questions, entries, answers)

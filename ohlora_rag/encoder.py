@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from .device import torch_device
 from .models import ModelRef
 
 
@@ -16,12 +17,6 @@ def quiet_transformers() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-
-def torch_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class Encoder:

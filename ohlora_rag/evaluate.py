@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .data import Pairs
+from .data import Pairs, SftRows
 from .encoder import Encoder
 
 
@@ -146,8 +146,8 @@ def evaluate_retrieval(encoder: Encoder, pairs: Pairs, db_texts: Sequence[str] |
         db_texts: the DB to rank against; None means every distinct entry of `pairs`.
 
     Ranking covers questions whose 1.0 entry is in the DB. Calibration takes as unanswerable both the questions
-    without a 1.0 entry and, for each answerable question, its best score once its own 1.0 entries are removed
-    from the DB (what the question would see if the DB lacked its entry).
+    without a 1.0 entry and, for each answerable question, its best score once the entries labelled >= 0.5 for it
+    are removed from the DB (what the question would see if the DB lacked anything close to an answer).
     """
     from .index import VectorIndex
 
@@ -163,11 +163,14 @@ def evaluate_retrieval(encoder: Encoder, pairs: Pairs, db_texts: Sequence[str] |
     db = list(dict.fromkeys(db_texts)) if db_texts is not None else sorted(set(pairs.entries))
     db_pos = {t: i for i, t in enumerate(db)}
     positives: dict[str, set[int]] = {q: set() for q in questions}
+    related: dict[str, set[int]] = {q: set() for q in questions}  # labelled >= 0.5: close enough to answer from
     for q, e, s in zip(pairs.questions, pairs.entries, pairs.scores):
-        if s >= 1.0 and e in db_pos:
-            positives[q].add(db_pos[e])
+        if e in db_pos and s >= 0.5:
+            related[q].add(db_pos[e])
+            if s >= 1.0:
+                positives[q].add(db_pos[e])
     index = VectorIndex.from_vectors(e_vecs[[e_row[t] for t in db]])
-    k = min(len(db), 10 + max((len(p) for p in positives.values()), default=0))
+    k = min(len(db), 10 + max((len(p) for p in related.values()), default=0))
     scores, found = index.search(q_vecs, k)  # (nq, k)
     ranks: list[int | None] = []
     right, wrong, unanswerable = [], [], []
@@ -180,9 +183,134 @@ def evaluate_retrieval(encoder: Encoder, pairs: Pairs, db_texts: Sequence[str] |
         rank = next((r for r, f in enumerate(row_found[:10], start=1) if f in pos), None)
         ranks.append(rank)
         (right if rank == 1 else wrong).append(row_scores[0])
-        others = [s for s, f in zip(row_scores, row_found) if f not in pos]
+        others = [s for s, f in zip(row_scores, row_found) if f not in related[q]]
         if others:
             unanswerable.append(others[0])
     ranking = ranking_metrics(ranks) if ranks else None
     calibration = calibrate(right, wrong, unanswerable) if right and unanswerable else None
     return RetrievalReport(pm, ranking, calibration)
+
+
+# ----------------------------------------------------------------------------------------------- answers
+
+_ABSTAIN_PATTERNS = (
+    "no matching information", "don't have", "do not have", "not covered", "doesn't cover", "does not cover",
+    "don't cover", "do not cover", "couldn't find", "could not find", "can't find", "cannot find", "not in my notes",
+    "no information", "nothing in my notes", "isn't something my notes", "is not something my notes",
+    "찾을 수 없", "정보가 없", "모르겠", "알 수 없",
+)
+_STOPWORDS = frozenset(
+    ["about", "above", "after", "again", "against", "because", "before", "being", "below", "between", "both", "could", "does", "doing", "during", "each", "from", "further", "having", "here", "into", "itself", "more", "most", "other", "over", "same", "should", "some", "such", "than", "that", "their", "them", "then", "there", "these", "they", "this", "those", "through", "under", "until", "very", "what", "when", "where", "which", "while", "with", "would", "your", "using", "used", "uses", "makes", "make", "often", "usually", "like", "only", "also", "just", "into", "each"]
+)
+
+
+def is_abstention(answer: str) -> bool:
+    """True when an answer says the tutor has no matching information."""
+    text = answer.lower().replace("’", "'")
+    return any(p in text for p in _ABSTAIN_PATTERNS)
+
+
+def _words(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"[\w'-]+", text.lower())
+
+
+def key_terms(entry: str) -> tuple[list[str], set[str]]:
+    """An entry's names (the part before ' : ', with its parenthesised alias) and its explanation's content words."""
+    import re
+
+    head, _, body = entry.partition(" : ")
+    names = [n.strip().lower() for n in re.split(r"[()]", head) if n.strip()]
+    content = {w for w in _words(body) if len(w) >= 5 and w not in _STOPWORDS}
+    return names, content
+
+
+def is_grounded(answer: str, entry: str) -> bool:
+    """The answer names the concept (name or alias) and uses at least one content word of the entry's explanation."""
+    names, content = key_terms(entry)
+    text = answer.lower()
+    words = set(_words(answer))
+    return any(n in text for n in names) and (not content or bool(content & words))
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over lower-cased word tokens (longest common subsequence)."""
+    a, b = _words(candidate), _words(reference)
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b, start=1):
+            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+@dataclass
+class AnswerMetrics:
+    """How generated answers compare with the reference rows."""
+
+    abstention_accuracy: float  # no-information rows answered with an abstention
+    false_abstention: float  # rows with an entry answered with an abstention
+    grounding: float  # rows with an entry whose answer names the concept and uses its explanation
+    rouge_l: float  # mean ROUGE-L F1 against the reference answers
+    retrieval_agreement: float | None  # full pipeline: share of rows whose retrieval decision matched the row
+    rows: int
+    no_info_rows: int
+    seconds_per_answer: float
+    examples: list[dict[str, object]]
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def evaluate_answers(
+    generate: Callable[[str, str | None], str],
+    rows: SftRows,
+    retrieve: Callable[[str], str | None] | None = None,
+    keep_examples: int = 6,
+) -> AnswerMetrics:
+    """Generate an answer per row and score it.
+
+    Args:
+        generate: (question, entry or None) -> answer text.
+        rows: question, gold entry (None = no information), reference answer.
+        retrieve: for the full pipeline, question -> retrieved entry text or None; None gives each row its own entry.
+        keep_examples: how many (question, entry, answer) examples to keep in the report.
+    """
+    import time
+
+    abstain_ok = abstain_n = false_abs = grounded = with_entry = agree = 0
+    rouge_sum = 0.0
+    kept: list[dict[str, object]] = []
+    start = time.perf_counter()
+    for q, gold, ref in zip(rows.questions, rows.entries, rows.answers):
+        entry = retrieve(q) if retrieve else gold
+        if retrieve:
+            agree += int(entry == gold)
+        answer = generate(q, entry)
+        rouge_sum += rouge_l(answer, ref)
+        if gold is None:
+            abstain_n += 1
+            abstain_ok += int(is_abstention(answer))
+        else:
+            with_entry += 1
+            false_abs += int(is_abstention(answer))
+            grounded += int(is_grounded(answer, gold))
+        if len(kept) < keep_examples:
+            kept.append({"question": q, "entry": entry, "answer": answer})
+    n = len(rows)
+    return AnswerMetrics(
+        abstention_accuracy=abstain_ok / abstain_n if abstain_n else float("nan"),
+        false_abstention=false_abs / with_entry if with_entry else float("nan"),
+        grounding=grounded / with_entry if with_entry else float("nan"),
+        rouge_l=rouge_sum / n if n else float("nan"),
+        retrieval_agreement=agree / n if retrieve and n else None,
+        rows=n, no_info_rows=abstain_n, seconds_per_answer=(time.perf_counter() - start) / max(n, 1), examples=kept,
+    )

@@ -230,3 +230,15 @@ def choose_encoder(reference: str | None, paths: Paths) -> ModelRef:
     if (paths.sbert_dir / "modules.json").is_file():
         return ModelRef(str(paths.sbert_dir), paths.sbert_dir)
     return resolve(DEFAULT_ENCODER, "encoder", paths)
+
+
+def swap_in(staging: Path, out: Path) -> None:
+    """Replace folder `out` with the complete folder `staging`; a crash leaves the old or the new one, never a mix."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)

@@ -109,3 +109,73 @@ def e5_folder(e5_home) -> Path:  # noqa: ANN001
     from ohlora_rag.models import resolve
 
     return resolve("multilingual-e5-small", "encoder", e5_home).path
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tiny_lm(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama-shaped causal LM of width 16 with a WordLevel tokenizer and a ChatML template, random weights."""
+    import torch
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from ohlora_rag.prompt import NO_INFO, PERSONA
+
+    words = set(_vocabulary()) | set(PERSONA.lower().split()) | set(NO_INFO.lower().split())
+    words |= {"information", "question", "system", "user", "assistant", "great", "sorry", "notes", "cover", "that", "it"}
+    specials = ["[UNK]", "<|im_start|>", "<|im_end|>", "<pad>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(w for w in words if w not in specials))}
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    out = folder / "tiny-lm"
+    fast.save_pretrained(out)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=512, bos_token_id=vocab["<|im_start|>"],
+        eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<pad>"], tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_lm(tmp_path_factory.mktemp("tinylm"))
+
+
+@pytest.fixture
+def tiny_lm(tiny_lm_master: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny LM folder."""
+    return Path(shutil.copytree(tiny_lm_master, tmp_path / "tiny-lm"))
+
+
+SFT_ROWS = [
+    ("what is precision ?", CONCEPTS[1][2], "precision is true positives over predicted positives ."),
+    ("what is recall ?", CONCEPTS[2][2], "recall is true positives over actual positives ."),
+    ("what is dropout ?", CONCEPTS[3][2], "dropout randomly zeroes units during training ."),
+    ("who won the cup ?", "", "sorry , my notes do not cover that ."),
+]
+
+
+def write_sft(path: Path, rows: list[tuple[str, str, str]] = SFT_ROWS) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["data_type", "user_question", "rag_retrieved_data", "output_message"])
+        writer.writerows(("train", *row) for row in rows)
+    return path

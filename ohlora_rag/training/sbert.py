@@ -12,10 +12,11 @@ from typing import Any
 
 from ..config import DEFAULT_ENCODER, Paths, SbertTrainConfig
 from ..data import Pairs, load_pairs
+from ..device import native_bf16, torch_device
 from ..encoder import Encoder, quiet_transformers
 from ..errors import DataFormatError, UsageError
 from ..evaluate import RetrievalReport, evaluate_retrieval
-from ..models import ModelRef, resolve, write_manifest
+from ..models import ModelRef, resolve, swap_in, write_manifest
 
 
 @dataclass
@@ -40,6 +41,27 @@ def split_by_question(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, 
     train_rows = [i for i, q in enumerate(pairs.questions) if q not in held]
     valid_rows = [i for i, q in enumerate(pairs.questions) if q in held]
     return pairs.subset(train_rows), pairs.subset(valid_rows)
+
+
+def freeze(transformer: Any, embeddings: bool, layers: int) -> None:
+    """Stop gradients into the word embeddings and, when `layers` > 0, the embedding block and the lowest layers."""
+    if embeddings or layers:
+        transformer.get_input_embeddings().weight.requires_grad_(False)
+    if layers:
+        blocks = _layers(transformer)
+        if layers >= len(blocks):
+            raise UsageError(f"--freeze-layers {layers}: the model has only {len(blocks)} layers — freeze fewer")
+        transformer.embeddings.requires_grad_(False)
+        for block in blocks[:layers]:
+            block.requires_grad_(False)
+
+
+def _layers(transformer: Any) -> Any:
+    encoder = getattr(transformer, "encoder", None)
+    blocks = getattr(encoder, "layer", None)
+    if blocks is None:
+        raise UsageError("--freeze-layers works with BERT-style encoders (encoder.layer); pass --freeze-layers 0")
+    return blocks
 
 
 def _loss(name: str, model: Any) -> Any:
@@ -71,7 +93,11 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
         Throughput, sizes and the validation report (pair metrics, ranking, calibrated threshold).
     """
     import torch
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
     from transformers import TrainerCallback, set_seed
 
     paths = paths or Paths.resolve()
@@ -92,10 +118,9 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
 
     quiet_transformers()
     set_seed(config.seed)
-    model = SentenceTransformer(str(base.path), device="cuda" if torch.cuda.is_available() else "cpu", local_files_only=True)
+    model = SentenceTransformer(str(base.path), device=torch_device(), local_files_only=True)
     model.max_seq_length = config.max_seq_length
-    if config.freeze_embeddings:
-        model[0].auto_model.get_input_embeddings().weight.requires_grad_(False)
+    freeze(model[0].auto_model, config.freeze_embeddings, config.freeze_layers)
     prompts = model.prompts or {}
     column_prompts = None
     if "query" in prompts and "passage" in prompts:
@@ -108,6 +133,7 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
         seed=config.seed, data_seed=config.seed, save_strategy="epoch", save_total_limit=1, eval_strategy="epoch",
         logging_strategy="epoch", report_to="none", prompts=column_prompts, disable_tqdm=not config.progress,
         dataloader_drop_last=False, use_cpu=not torch.cuda.is_available(),
+        bf16=native_bf16() if config.bf16 is None else config.bf16,
     )
     steps_done = {"n": 0}
 
@@ -136,14 +162,7 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
             seed=config.seed, threshold=threshold, metrics=report.to_dict(),
             config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         )
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging, out)
+        swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     processed = min(steps_done["n"] * config.batch_size, rows * config.epochs)  # pairs seen in this run

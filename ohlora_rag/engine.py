@@ -1,0 +1,75 @@
+"""QueryEngine = retriever + prompt builder + generator: a question in, an answer with its sources out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import AskConfig, Paths, SearchConfig
+from .generator import Generator, choose_llm
+from .retriever import Hit, Retriever, check_question
+
+
+@dataclass
+class Answer:
+    """What `ask` returns."""
+
+    question: str
+    answer: str
+    used: Hit | None  # the entry put into the prompt, or None ("no matching information")
+    sources: list[Hit]
+    threshold: float
+    new_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "question": self.question,
+            "answer": self.answer,
+            "matched": self.used is not None,
+            "source": {"id": self.used.id, "text": self.used.text, "score": round(self.used.score, 6)} if self.used else None,
+            "sources": [{"id": h.id, "score": round(h.score, 6), "matched": h.matched, "text": h.text} for h in self.sources],
+            "scores": [round(h.score, 6) for h in self.sources],
+            "threshold": self.threshold,
+            "new_tokens": self.new_tokens,
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+        }
+
+
+class QueryEngine:
+    """Retrieve, apply the threshold, build the prompt, generate. Models are loaded once and reused."""
+
+    def __init__(self, retriever: Retriever, generator: Generator, config: AskConfig, load_seconds: float = 0.0) -> None:
+        self.retriever = retriever
+        self.generator = generator
+        self.config = config
+        self.load_seconds = load_seconds
+
+    @classmethod
+    def load(cls, config: AskConfig | None = None, paths: Paths | None = None) -> QueryEngine:
+        config = config or AskConfig()
+        paths = paths or Paths.resolve()
+        start = time.perf_counter()
+        retriever = Retriever.load(SearchConfig(top_k=config.top_k, threshold=config.threshold), paths)
+        generator = Generator(choose_llm(config.base_llm, config.adapter, paths, config.template))
+        return cls(retriever, generator, config, time.perf_counter() - start)
+
+    @property
+    def notice(self) -> str | None:
+        return self.generator.choice.notice
+
+    def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> Answer:
+        """Answer one question (streaming pieces to `on_text` when given)."""
+        question = check_question(question)
+        start = time.perf_counter()
+        result = self.retriever.search(question, self.config.top_k)
+        retrieve = time.perf_counter() - start
+        used = result.best
+        prompt = self.generator.prompts.prompt(question, used.text if used else None)
+        generation = self.generator.generate(
+            prompt, self.config.max_new_tokens, self.config.temperature, self.config.seed, on_text=on_text
+        )
+        timings = {"load": self.load_seconds, "retrieve": retrieve, "generate": generation.seconds}
+        return Answer(question, generation.text, used, result.hits, result.threshold, generation.new_tokens, timings)

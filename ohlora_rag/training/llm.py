@@ -1,0 +1,178 @@
+"""`train-llm`: LoRA SFT of the answering LLM with trl's SFTTrainer; loss on the answer only, EOS learned.
+
+Before the first step a pre-flight check reads the tokenised training rows exactly as trl will feed them and
+refuses to train unless every row has a non-empty answer inside the loss mask, ends on EOS inside the mask, and
+starts with exactly the prompt tokens that `ask` will build.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import DEFAULT_LLM, LlmTrainConfig, Paths
+from ..data import SftRows, load_sft
+from ..device import native_bf16, torch_device
+from ..encoder import quiet_transformers
+from ..errors import OhloraError, UsageError
+from ..generator import encode_prompt
+from ..models import resolve, swap_in, write_manifest
+from ..prompt import PromptBuilder
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class PreflightError(OhloraError):
+    """The tokenised training data would not teach what `ask` asks."""
+
+
+@dataclass
+class LlmTrainReport:
+    out: Path
+    steps: int
+    rows: int
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+    train_loss: float | None
+    eval_loss: float | None
+
+
+def examples(rows: SftRows, builder: PromptBuilder) -> dict[str, list[str]]:
+    """Prompt-completion columns for trl: the prompt `ask` would build and the answer + EOS."""
+    return {
+        "prompt": [builder.prompt(q, e) for q, e in zip(rows.questions, rows.entries)],
+        "completion": [builder.completion(a) for a in rows.answers],
+    }
+
+
+def preflight(
+    tokenized: Sequence[Mapping[str, Sequence[int]]], rows: SftRows, builder: PromptBuilder, max_length: int
+) -> int:
+    """Check every tokenised row against what inference will do.
+
+    Args:
+        tokenized: per row, `input_ids` and the loss mask as trl produced them (`completion_mask`, or `labels`
+            with -100 where there is no loss).
+        rows: the source rows (same order).
+        builder: the prompt builder `ask` uses.
+        max_length: the longest sequence training keeps.
+
+    Returns:
+        The number of answer tokens (loss tokens) over all rows.
+    """
+    tok = builder.tokenizer
+    eos = tok.eos_token_id
+    loss_tokens = 0
+    for i, (example, q, e) in enumerate(zip(tokenized, rows.questions, rows.entries)):
+        where = f"{rows.path}: row {i + 1}"
+        ids = list(example["input_ids"])
+        if "completion_mask" in example:
+            mask = [bool(m) for m in example["completion_mask"]]
+        else:  # trl folds the mask into labels: -100 = no loss
+            mask = [label != -100 for label in example["labels"]]
+        prompt_ids = encode_prompt(tok, builder.prompt(q, e))
+        if ids[: len(prompt_ids)] != prompt_ids or any(mask[: len(prompt_ids)]):
+            raise PreflightError(
+                f"pre-flight: {where}: the training prompt is not the prompt `ask` builds (template "
+                f"{builder.template!r}) — the prompt and answer must meet on a token boundary"
+            )
+        answer_ids = [t for t, m in zip(ids, mask) if m]
+        if not answer_ids or not tok.decode([t for t in answer_ids if t != eos]).strip():
+            raise PreflightError(f"pre-flight: {where}: no answer tokens inside the loss mask — check output_message")
+        if ids[-1] != eos or not mask[-1]:
+            raise PreflightError(f"pre-flight: {where}: the sequence does not end on EOS inside the loss mask — the model would not learn to stop")
+        if len(ids) > max_length:
+            raise PreflightError(
+                f"pre-flight: {where}: prompt + answer is {len(ids)} tokens, over --max-length {max_length} — "
+                "shorten the entry or answer, or raise --max-length"
+            )
+        loss_tokens += len(answer_ids)
+    return loss_tokens
+
+
+def train_llm(config: LlmTrainConfig, paths: Paths | None = None) -> LlmTrainReport:
+    """LoRA-tune the LLM; save the adapter (+ tokenizer, manifest; `--merge`: the merged model) atomically."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    paths = paths or Paths.resolve()
+    out = Path(config.out) if config.out else paths.llm_dir
+    rows = load_sft(config.data, split="train")
+    valid = load_sft(config.valid, split=None) if config.valid else None
+    base = resolve(config.base_llm or DEFAULT_LLM, "llm", paths)
+    checkpoints = out.parent / f"{out.name}.checkpoints"
+    if config.resume and not any(checkpoints.glob("checkpoint-*")):
+        raise UsageError(f"--resume: no checkpoint in {checkpoints} — run once without --resume")
+
+    quiet_transformers()
+    set_seed(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(base.path, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    builder = PromptBuilder.create(tokenizer, config.template)
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, local_files_only=True)
+    lora = LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=LORA_TARGETS,
+        task_type="CAUSAL_LM", bias="none",
+    )
+    args = SFTConfig(
+        output_dir=str(checkpoints), num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size, learning_rate=config.learning_rate, lr_scheduler_type="linear",
+        warmup_steps=0.05, seed=config.seed, data_seed=config.seed, save_strategy="epoch", save_total_limit=1,
+        eval_strategy="epoch" if valid else "no", logging_strategy="epoch", report_to="none",
+        completion_only_loss=True, max_length=None, padding_free=False, disable_tqdm=not config.progress,
+        bf16=native_bf16() if config.bf16 is None else config.bf16, use_cpu=torch_device() == "cpu",
+        dataset_num_proc=None, eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token,
+    )
+    steps = {"n": 0}
+
+    class _Count(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            steps["n"] += 1
+
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_dict(examples(rows, builder)),
+        eval_dataset=Dataset.from_dict(examples(valid, builder)) if valid else None,
+        processing_class=tokenizer, peft_config=lora, callbacks=[_Count()],
+    )
+    loss_tokens = preflight(list(trainer.train_dataset), rows, builder, config.max_length)
+    if valid:
+        preflight(list(trainer.eval_dataset), valid, builder, config.max_length)
+    tokens = sum(len(x["input_ids"]) for x in trainer.train_dataset)
+
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=True if config.resume else None)
+    seconds = time.perf_counter() - start
+    history = trainer.state.log_history
+    train_loss = next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None)
+    eval_loss = next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None)
+
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        trainer.model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        if config.merge:
+            trainer.model.merge_and_unload().save_pretrained(str(staging / "merged"))
+            tokenizer.save_pretrained(str(staging / "merged"))
+        write_manifest(
+            staging, kind="llm-adapter", reference=str(out), base=base.reference, base_fingerprint=base.fingerprint,
+            template=builder.template, data=str(config.data), data_hash=rows.content_hash, seed=config.seed,
+            rows=len(rows), loss_tokens=loss_tokens, train_loss=train_loss, eval_loss=eval_loss,
+            config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        )
+        swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    processed = min(steps["n"] * config.batch_size, len(rows) * config.epochs)
+    tokens_per_second = tokens * processed / len(rows) / seconds if seconds else float("nan")
+    return LlmTrainReport(out, steps["n"], len(rows), tokens, seconds, tokens_per_second, train_loss, eval_loss)

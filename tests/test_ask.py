@@ -1,0 +1,136 @@
+"""ask / chat / batch / --json through CliRunner, with a scripted generator and with the tiny random LM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from transformers import AutoTokenizer
+from typer.testing import CliRunner
+
+import ohlora_rag.engine as engine_module
+from ohlora_rag.cli import app
+from ohlora_rag.generator import Generation, LLMChoice
+from ohlora_rag.prompt import NO_INFO, PromptBuilder
+
+runner = CliRunner()
+PRECISION = "precision : true positives over predicted positives | key idea: few false alarms"
+
+
+class ScriptedGenerator:
+    """Stands in for the LLM: answers from a script and records every prompt it was given."""
+
+    prompts_seen: list[str] = []
+
+    def __init__(self, choice: LLMChoice) -> None:
+        self.choice = choice
+        self.prompts = PromptBuilder.create(AutoTokenizer.from_pretrained(choice.base.path), choice.template)
+
+    def generate(self, prompt: str, max_new_tokens: int = 160, temperature: float = 0.0, seed: int | None = None,
+                 on_text: Any = None) -> Generation:
+        ScriptedGenerator.prompts_seen.append(prompt)
+        text = "I have no notes on that." if NO_INFO in prompt else "Precision counts false alarms."
+        if on_text:
+            for word in text.split(" "):
+                on_text(word + " ")
+        return Generation(text, len(text.split()), 0.01)
+
+
+@pytest.fixture
+def scripted(home: Path, monkeypatch: pytest.MonkeyPatch, tiny_lm: Path) -> Path:
+    ScriptedGenerator.prompts_seen = []
+    monkeypatch.setattr(engine_module, "Generator", ScriptedGenerator)
+    assert runner.invoke(app, ["build-index", "-q"]).exit_code == 0
+    return tiny_lm
+
+
+def test_ask_puts_the_matching_entry_into_the_prompt(scripted: Path) -> None:
+    result = runner.invoke(app, ["ask", PRECISION, "--base-llm", str(scripted)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Precision counts false alarms.\n\nsource [1.000] precision: ")
+    assert "no trained adapter" in result.stderr  # the base model answers, with a notice
+    assert f"Information: {PRECISION}" in ScriptedGenerator.prompts_seen[0]
+
+
+def test_ask_below_threshold_says_no_information(scripted: Path) -> None:
+    result = runner.invoke(app, ["ask", "what is dropout", "--threshold", "1.0", "--base-llm", str(scripted)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("I have no notes on that.\n\nsource: none (best score")
+    assert f"Information: {NO_INFO}" in ScriptedGenerator.prompts_seen[0]
+
+
+def test_ask_json(scripted: Path) -> None:
+    result = runner.invoke(app, ["ask", PRECISION, "--json", "--base-llm", str(scripted)])
+    payload = json.loads(result.stdout)
+    assert payload["answer"] == "Precision counts false alarms." and payload["matched"] is True
+    assert payload["source"]["id"] == "precision" and len(payload["scores"]) == 3
+    assert set(payload["timings"]) == {"load", "retrieve", "generate"}
+
+
+def test_ask_stream(scripted: Path) -> None:
+    result = runner.invoke(app, ["ask", PRECISION, "--stream", "--base-llm", str(scripted)])
+    assert result.exit_code == 0
+    assert result.stdout.startswith("Precision counts false alarms. \n\nsource [1.000] precision")
+
+
+def test_batch(scripted: Path, tmp_path: Path) -> None:
+    questions = tmp_path / "q.txt"
+    questions.write_text(f"{PRECISION}\n\nwhat is lora\n", encoding="utf-8")
+    out = tmp_path / "answers.jsonl"
+    result = runner.invoke(app, ["ask", "--file", str(questions), "--out", str(out), "--base-llm", str(scripted)])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert [x["question"] for x in lines] == [PRECISION, "what is lora"]
+    assert "wrote 2 answers" in result.stderr
+
+
+def test_chat_loop(scripted: Path) -> None:
+    result = runner.invoke(app, ["chat", "--base-llm", str(scripted)], input=f"{PRECISION}\nwhat is adam\nexit\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("tutor> ") == 2 and len(ScriptedGenerator.prompts_seen) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["ask"], "give a question or --file FILE"),
+        (["ask", "  "], "the question is empty"),
+        (["ask", "x", "--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
+        (["ask", "x", "--temperature", "-1"], "--temperature -1.0: must be 0 (greedy) or more"),
+        (["ask", "--file", "/nonexistent/q.txt"], "questions file /nonexistent/q.txt not found"),
+        (["ask", "x", "--adapter", "/nonexistent/adapter"], "--adapter /nonexistent/adapter: no LoRA adapter there"),
+    ],
+)
+def test_bad_input(scripted: Path, args: list[str], message: str) -> None:
+    result = runner.invoke(app, [*args, "--base-llm", str(scripted)] if len(args) > 1 or args != ["ask"] else args)
+    assert result.exit_code in (1, 2)
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_ask_without_index_points_at_build_index(home: Path, tiny_lm: Path) -> None:
+    result = runner.invoke(app, ["ask", "what is lora", "--base-llm", str(tiny_lm)])
+    assert result.exit_code == 1 and "run `ohlora-rag build-index`" in result.stderr
+
+
+def test_real_tiny_lm_end_to_end(home: Path, tiny_lm: Path) -> None:
+    """No script: the random tiny LM really generates, bounded by --max-new-tokens, through the whole pipeline."""
+    assert runner.invoke(app, ["build-index", "-q"]).exit_code == 0
+    result = runner.invoke(app, ["ask", PRECISION, "--json", "--max-new-tokens", "5", "--base-llm", str(tiny_lm)])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert 1 <= payload["new_tokens"] <= 5 and payload["source"]["id"] == "precision"
+
+
+def test_streamed_pieces_make_the_answer(tiny_lm: Path, tmp_path: Path) -> None:
+    from ohlora_rag.config import Paths
+    from ohlora_rag.generator import Generator, choose_llm
+
+    generator = Generator(choose_llm(str(tiny_lm), None, Paths(tmp_path)), device="cpu")
+    prompt = generator.prompts.prompt("what is precision ?", PRECISION)
+    pieces: list[str] = []
+    streamed = generator.generate(prompt, max_new_tokens=12, on_text=pieces.append)
+    plain = generator.generate(prompt, max_new_tokens=12)
+    assert streamed.text == plain.text  # greedy: the same answer either way
+    assert "".join(pieces).strip() == plain.text and streamed.new_tokens == plain.new_tokens

@@ -1,0 +1,124 @@
+"""train-llm on the tiny LM: 2 SFT steps change the adapter; the pre-flight check refuses broken data."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ohlora_rag.config import LlmTrainConfig, Paths
+from ohlora_rag.data import load_sft
+from ohlora_rag.errors import DataFormatError
+from ohlora_rag.prompt import PromptBuilder
+from ohlora_rag.training.llm import PreflightError, preflight, train_llm
+from tests.conftest import write_sft
+
+
+def _config(tmp_path: Path, tiny_lm: Path, **kw: object) -> LlmTrainConfig:
+    data = write_sft(tmp_path / "sft.csv")
+    base = dict(data=data, base_llm=str(tiny_lm), epochs=1, batch_size=2, out=tmp_path / "llm", progress=False, bf16=False)
+    base.update(kw)
+    return LlmTrainConfig(**base)  # type: ignore[arg-type]
+
+
+def test_two_steps_change_the_adapter_and_write_its_files(tmp_path: Path, tiny_lm: Path) -> None:
+    report = train_llm(_config(tmp_path, tiny_lm), Paths(tmp_path))
+    assert report.steps == 2 and report.rows == 4
+    out = tmp_path / "llm"
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "ohlora_model.json"} <= names
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert len(lora_b) == 2 * 7  # 2 layers x all attention and MLP projections
+    assert all(torch.count_nonzero(v) > 0 for v in lora_b)  # LoRA B starts at zero: it moved
+    manifest = (out / "ohlora_model.json").read_text()
+    assert '"template": "chat"' in manifest and '"seed": 42' in manifest and '"base_fingerprint"' in manifest
+
+
+def test_merge_writes_a_merged_model(tmp_path: Path, tiny_lm: Path) -> None:
+    train_llm(_config(tmp_path, tiny_lm, merge=True), Paths(tmp_path))
+    assert (tmp_path / "llm" / "merged" / "model.safetensors").exists()
+
+
+def test_resume_continues_from_checkpoint(tmp_path: Path, tiny_lm: Path) -> None:
+    train_llm(_config(tmp_path, tiny_lm), Paths(tmp_path))
+    again = train_llm(_config(tmp_path, tiny_lm, epochs=2, resume=True), Paths(tmp_path))
+    assert again.steps == 2  # only the second epoch ran
+
+
+def _tokenized(tmp_path: Path, tiny_lm: Path, template: str = "chat"):  # noqa: ANN202
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from ohlora_rag.training.llm import examples
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    rows = load_sft(write_sft(tmp_path / "sft.csv"))
+    builder = PromptBuilder.create(tok, template)
+    args = SFTConfig(output_dir=str(tmp_path / "x"), completion_only_loss=True, max_length=None, report_to="none", use_cpu=True)
+    from transformers import AutoModelForCausalLM
+
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_lm), args=args,
+                         train_dataset=Dataset.from_dict(examples(rows, builder)), processing_class=tok)
+    return [dict(x) for x in trainer.train_dataset], rows, builder
+
+
+def test_preflight_accepts_what_trl_builds(tmp_path: Path, tiny_lm: Path) -> None:
+    data, rows, builder = _tokenized(tmp_path, tiny_lm)
+    assert preflight(data, rows, builder, max_length=512) > 4
+
+
+def test_preflight_catches_a_broken_template(tmp_path: Path, tiny_lm: Path) -> None:
+    data, rows, _ = _tokenized(tmp_path, tiny_lm, template="plain")
+    from transformers import AutoTokenizer
+
+    chat = PromptBuilder.create(AutoTokenizer.from_pretrained(tiny_lm), "chat")  # what `ask` would build
+    with pytest.raises(PreflightError, match=re.escape("row 1: the training prompt is not the prompt `ask` builds")):
+        preflight(data, rows, chat, max_length=512)
+
+
+def test_preflight_catches_an_answer_cut_out_of_the_mask(tmp_path: Path, tiny_lm: Path) -> None:
+    data, rows, builder = _tokenized(tmp_path, tiny_lm)
+    data[2]["labels"] = [-100] * len(data[2]["labels"])
+    with pytest.raises(PreflightError, match=re.escape("row 3: no answer tokens inside the loss mask")):
+        preflight(data, rows, builder, max_length=512)
+
+
+def test_preflight_catches_a_missing_eos_and_an_overlong_row(tmp_path: Path, tiny_lm: Path) -> None:
+    data, rows, builder = _tokenized(tmp_path, tiny_lm)
+    cut = [dict(x) for x in data]
+    cut[0] = {"input_ids": data[0]["input_ids"][:-1], "labels": data[0]["labels"][:-1]}
+    with pytest.raises(PreflightError, match="row 1: the sequence does not end on EOS inside the loss mask"):
+        preflight(cut, rows, builder, max_length=512)
+    with pytest.raises(PreflightError, match=r"row 1: prompt \+ answer is \d+ tokens, over --max-length 10"):
+        preflight(data, rows, builder, max_length=10)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("user_question,output_message\nq,a\n", "missing column 'rag_retrieved_data'"),
+        ("user_question,rag_retrieved_data,output_message\nq,e,\n", "row 1, column 'output_message' is empty"),
+        ("user_question,rag_retrieved_data,output_message\n ,e,a\n", "row 1, column 'user_question' is empty"),
+        ("data_type,user_question,rag_retrieved_data,output_message\nvalid,q,e,a\n", "no rows with data_type 'train'"),
+    ],
+)
+def test_bad_sft_files(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataFormatError, match=re.escape(message)):
+        load_sft(path)
+
+
+def test_original_sft_file_loads() -> None:
+    from tests.conftest import SHARED_DATA
+
+    path = SHARED_DATA / "sft_train.csv"
+    if not path.exists():
+        pytest.skip("../shared/ohlora-data not present")
+    rows = load_sft(path)
+    assert len(rows) == 115 and sum(e is None for e in rows.entries) == 10

@@ -1,0 +1,100 @@
+"""train-sbert on the tiny S-BERT: weights change, files and manifest are written, resume works, bad input fails."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ohlora_rag.config import Paths, SbertTrainConfig
+from ohlora_rag.data import load_pairs
+from ohlora_rag.errors import DataFormatError, UsageError
+from ohlora_rag.training.sbert import split_by_question, train_sbert
+from tests.conftest import CONCEPTS
+
+
+def write_pairs(path: Path) -> Path:
+    rows = []
+    questions = {"what is precision ?": 1, "what is recall ?": 2, "what is dropout ?": 3, "what is lora ?": 4, "what is adam ?": 5}
+    for q, right in questions.items():
+        for i, (_, _, text) in enumerate(CONCEPTS):
+            rows.append(("train", q, text, 1.0 if i == right else 0.0))
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["data_type", "user_question", "rag_retrieved_data", "similarity_score"])
+        w.writerows(rows)
+    return path
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(next(folder.glob("*.safetensors"))))
+
+
+def test_two_steps_change_weights_and_write_files(tmp_path: Path, tiny_sbert: Path) -> None:
+    data = write_pairs(tmp_path / "pairs.csv")  # 30 pairs; valid = 1 of 5 questions -> 24 train pairs
+    config = SbertTrainConfig(
+        data=data, base=str(tiny_sbert), epochs=1, batch_size=12, freeze_layers=1, out=tmp_path / "sbert",
+        progress=False, bf16=False,
+    )
+    report = train_sbert(config, Paths(tmp_path))
+    assert report.steps == 2 and report.train_pairs == 24 and report.valid_pairs == 6
+    out = tmp_path / "sbert"
+    assert {"modules.json", "config.json", "tokenizer.json", "ohlora_model.json", "1_Pooling"} <= {p.name for p in out.iterdir()}
+    before, after = _weights(tiny_sbert), _weights(out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "encoder.layer.1.attention.self.query.weight" in changed
+    frozen = {"embeddings.word_embeddings.weight", "encoder.layer.0.attention.self.query.weight"}
+    assert not (changed & frozen)  # embeddings and the lowest layer stayed fixed
+    manifest = json.loads((out / "ohlora_model.json").read_text())
+    assert manifest["seed"] == 42 and manifest["base"] == str(tiny_sbert) and manifest["data_hash"]
+    assert set(manifest["metrics"]) == {"pairs", "ranking", "calibration"}
+
+
+def test_resume(tmp_path: Path, tiny_sbert: Path) -> None:
+    data = write_pairs(tmp_path / "pairs.csv")
+    kw = dict(data=data, base=str(tiny_sbert), batch_size=12, out=tmp_path / "sbert", progress=False, bf16=False, freeze_layers=0)
+    train_sbert(SbertTrainConfig(epochs=1, **kw), Paths(tmp_path))  # type: ignore[arg-type]
+    again = train_sbert(SbertTrainConfig(epochs=2, resume=True, **kw), Paths(tmp_path))  # type: ignore[arg-type]
+    assert again.steps == 2  # the second epoch only
+
+
+def test_resume_without_checkpoint_is_refused(tmp_path: Path, tiny_sbert: Path) -> None:
+    data = write_pairs(tmp_path / "pairs.csv")
+    with pytest.raises(UsageError, match="--resume: no checkpoint in"):
+        train_sbert(SbertTrainConfig(data=data, base=str(tiny_sbert), resume=True, out=tmp_path / "s"), Paths(tmp_path))
+
+
+def test_split_keeps_questions_apart(tmp_path: Path) -> None:
+    pairs = load_pairs(write_pairs(tmp_path / "pairs.csv"))
+    train, valid = split_by_question(pairs, 0.4, seed=1)
+    assert not set(train.questions) & set(valid.questions) and len(set(valid.questions)) == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("user_question,rag_retrieved_data\nq,e\n", "missing column 'similarity_score'"),
+        ("user_question,rag_retrieved_data,similarity_score\nq,e,1.5\n", "row 1, column 'similarity_score' is 1.5, outside [-1, 1]"),
+        ("user_question,rag_retrieved_data,similarity_score\nq,e,high\n", "row 1, column 'similarity_score' is 'high', not a number"),
+        ("user_question,rag_retrieved_data,similarity_score\nq,,0.5\n", "row 1, column 'rag_retrieved_data' is empty"),
+    ],
+)
+def test_bad_pairs(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataFormatError, match=re.escape(message)):
+        load_pairs(path)
+
+
+def test_original_pairs_file_loads() -> None:
+    from tests.conftest import SHARED_DATA
+
+    path = SHARED_DATA / "sbert_train.csv"
+    if not path.exists():
+        pytest.skip("../shared/ohlora-data not present")
+    assert len(load_pairs(path)) == 2100
