@@ -149,7 +149,7 @@ def train_sbert_cmd(
     epochs: Annotated[int, typer.Option("--epochs")] = _D.sbert.epochs,
     batch_size: Annotated[int, typer.Option("--batch-size")] = _D.sbert.batch_size,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = _D.sbert.learning_rate,
-    loss: Annotated[str, typer.Option("--loss", help="cosine (the seed's CosineSimilarityLoss) | cosent | mnrl.")] = _D.sbert.loss,
+    loss: Annotated[str, typer.Option("--loss", help="cosine (the seed's CosineSimilarityLoss) | cosent | mnrl | hybrid (cosine + MNRL on look-alike triplets).")] = _D.sbert.loss,
     seed: Annotated[int, typer.Option("--seed")] = _D.sbert.seed,
     max_seq_length: Annotated[int, typer.Option("--max-seq-length")] = _D.sbert.max_seq_length,
     train_embeddings: Annotated[bool, typer.Option("--train-embeddings", help="Also update the word-embedding matrix (slow on CPU).")] = False,

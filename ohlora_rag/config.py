@@ -104,7 +104,7 @@ class SearchConfig:
             raise UsageError(f"--threshold {self.threshold}: a cosine threshold must lie in [-1, 1]")
 
 
-SBERT_LOSSES = ("cosine", "cosent", "mnrl")
+SBERT_LOSSES = ("cosine", "cosent", "mnrl", "hybrid")
 
 
 @dataclass
@@ -124,7 +124,8 @@ class SbertTrainConfig:
     learning_rate: float = 5e-5
     warmup_ratio: float = 0.1
     loss: str = "cosine"
-    """cosine (CosineSimilarityLoss, the seed's), cosent (CoSENTLoss) or mnrl (MultipleNegativesRankingLoss on the 1.0 pairs)."""
+    """cosine (CosineSimilarityLoss, the seed's), cosent (CoSENTLoss), mnrl (MultipleNegativesRankingLoss on the 1.0
+    pairs), or hybrid (cosine on the graded pairs + MNRL on (question, right entry, related look-alike) triplets)."""
     seed: int = 42
     max_seq_length: int = 64
     freeze_embeddings: bool = True

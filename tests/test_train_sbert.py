@@ -23,7 +23,7 @@ def write_pairs(path: Path) -> Path:
     questions = {"what is precision ?": 1, "what is recall ?": 2, "what is dropout ?": 3, "what is lora ?": 4, "what is adam ?": 5}
     for q, right in questions.items():
         for i, (_, _, text) in enumerate(CONCEPTS):
-            rows.append(("train", q, text, 1.0 if i == right else 0.0))
+            rows.append(("train", q, text, 1.0 if i == right else 0.5 if i == right - 1 else 0.0))
     with path.open("w", encoding="utf-8", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["data_type", "user_question", "rag_retrieved_data", "similarity_score"])
@@ -98,3 +98,25 @@ def test_original_pairs_file_loads() -> None:
     if not path.exists():
         pytest.skip("../shared/ohlora-data not present")
     assert len(load_pairs(path)) == 2100
+
+
+def test_triplets_pair_each_right_entry_with_its_look_alikes(tmp_path: Path) -> None:
+    from ohlora_rag.training.sbert import triplets
+
+    pairs = load_pairs(write_pairs(tmp_path / "pairs.csv"))
+    t = triplets(pairs)
+    assert len(t["anchor"]) == 5  # one related (0.5) entry per question
+    i = t["anchor"].index("what is recall ?")
+    assert (t["positive"][i], t["negative"][i]) == (CONCEPTS[2][2], CONCEPTS[1][2])
+
+
+def test_hybrid_loss_trains(tmp_path: Path, tiny_sbert: Path) -> None:
+    data = write_pairs(tmp_path / "pairs.csv")
+    config = SbertTrainConfig(
+        data=data, base=str(tiny_sbert), epochs=1, batch_size=8, loss="hybrid", freeze_layers=0,
+        out=tmp_path / "sbert", progress=False, bf16=False,
+    )
+    report = train_sbert(config, Paths(tmp_path))
+    assert report.train_pairs == 24 + 4  # graded pairs + triplets of the 4 training questions
+    before, after = _weights(tiny_sbert), _weights(tmp_path / "sbert")
+    assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -64,23 +64,58 @@ def _layers(transformer: Any) -> Any:
     return blocks
 
 
-def _loss(name: str, model: Any) -> Any:
+def triplets(pairs: Pairs, per_question: int = 2) -> dict[str, list[str]]:
+    """(question, right entry, hard negative) rows: the negatives are the question's own related entries
+    (0 < score < 1), highest first — exactly the look-alikes retrieval must rank below the right one."""
+    by_question: dict[str, list[tuple[float, str]]] = {}
+    for q, e, score in zip(pairs.questions, pairs.entries, pairs.scores):
+        by_question.setdefault(q, []).append((score, e))
+    out: dict[str, list[str]] = {"anchor": [], "positive": [], "negative": []}
+    for q, scored in by_question.items():
+        positives = [e for score, e in scored if score >= 1.0]
+        hard = [e for score, e in sorted(scored, key=lambda x: -x[0]) if 0.0 < score < 1.0][:per_question]
+        for positive in positives:
+            for negative in hard:
+                out["anchor"].append(q)
+                out["positive"].append(positive)
+                out["negative"].append(negative)
+    return out
+
+
+def _training_data(pairs: Pairs, loss: str, model: Any) -> tuple[Any, Any]:
+    """(dataset(s), loss(es)) for the chosen loss; `hybrid` trains both heads on one schedule."""
+    from datasets import Dataset
     from sentence_transformers import losses
 
-    if name == "cosine":
-        return losses.CosineSimilarityLoss(model)
-    if name == "cosent":
-        return losses.CoSENTLoss(model)
-    return losses.MultipleNegativesRankingLoss(model)
+    graded = Dataset.from_dict({"sentence1": pairs.questions, "sentence2": pairs.entries, "score": pairs.scores})
+    if loss == "cosine":
+        return graded, losses.CosineSimilarityLoss(model)
+    if loss == "cosent":
+        return graded, losses.CoSENTLoss(model)
+    keep = [i for i, s in enumerate(pairs.scores) if s >= 1.0]
+    if loss == "mnrl":
+        positives = Dataset.from_dict({"anchor": [pairs.questions[i] for i in keep], "positive": [pairs.entries[i] for i in keep]})
+        return positives, losses.MultipleNegativesRankingLoss(model)
+    ranked = triplets(pairs)
+    if not ranked["anchor"]:
+        return graded, losses.CosineSimilarityLoss(model)
+    return (
+        {"graded": graded, "ranked": Dataset.from_dict(ranked)},
+        {"graded": losses.CosineSimilarityLoss(model), "ranked": losses.MultipleNegativesRankingLoss(model)},
+    )
 
 
-def _dataset(pairs: Pairs, loss: str) -> Any:
-    from datasets import Dataset
-
-    if loss == "mnrl":  # in-batch negatives: only the (question, right entry) pairs
-        keep = [i for i, s in enumerate(pairs.scores) if s >= 1.0]
-        return Dataset.from_dict({"anchor": [pairs.questions[i] for i in keep], "positive": [pairs.entries[i] for i in keep]})
-    return Dataset.from_dict({"sentence1": pairs.questions, "sentence2": pairs.entries, "score": pairs.scores})
+def _prompts(model: Any, loss: str) -> Any:
+    """Column -> prompt (per dataset for hybrid), when the model has e5-style query/passage prompts."""
+    prompts = model.prompts or {}
+    if "query" not in prompts or "passage" not in prompts:
+        return None
+    q, p = prompts["query"], prompts["passage"]
+    graded = {"sentence1": q, "sentence2": p}
+    ranked = {"anchor": q, "positive": p, "negative": p}
+    if loss == "hybrid":
+        return {"graded": graded, "ranked": ranked}
+    return ranked if loss == "mnrl" else graded
 
 
 def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTrainReport:
@@ -121,17 +156,18 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
     model = SentenceTransformer(str(base.path), device=torch_device(), local_files_only=True)
     model.max_seq_length = config.max_seq_length
     freeze(model[0].auto_model, config.freeze_embeddings, config.freeze_layers)
-    prompts = model.prompts or {}
-    column_prompts = None
-    if "query" in prompts and "passage" in prompts:
-        first, second = ("anchor", "positive") if config.loss == "mnrl" else ("sentence1", "sentence2")
-        column_prompts = {first: prompts["query"], second: prompts["passage"]}
+    train_data, loss = _training_data(train, config.loss, model)
+    eval_data, _ = _training_data(valid, config.loss, model)
+    if isinstance(train_data, dict) and not isinstance(eval_data, dict):  # no look-alikes among the valid rows
+        eval_data = {"graded": eval_data}
+    elif isinstance(eval_data, dict) and not isinstance(train_data, dict):
+        eval_data = eval_data["graded"]
 
     args = SentenceTransformerTrainingArguments(
         output_dir=str(checkpoints), num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=64, learning_rate=config.learning_rate, warmup_ratio=config.warmup_ratio,
         seed=config.seed, data_seed=config.seed, save_strategy="epoch", save_total_limit=1, eval_strategy="epoch",
-        logging_strategy="epoch", report_to="none", prompts=column_prompts, disable_tqdm=not config.progress,
+        logging_strategy="epoch", report_to="none", prompts=_prompts(model, config.loss), disable_tqdm=not config.progress,
         dataloader_drop_last=False, use_cpu=not torch.cuda.is_available(),
         bf16=native_bf16() if config.bf16 is None else config.bf16,
     )
@@ -142,13 +178,12 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
             steps_done["n"] += 1
 
     trainer = SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=_dataset(train, config.loss), eval_dataset=_dataset(valid, config.loss),
-        loss=_loss(config.loss, model), callbacks=[_Count()],
+        model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, loss=loss, callbacks=[_Count()],
     )
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if config.resume else None)
     seconds = time.perf_counter() - start
-    rows = len(trainer.train_dataset)
+    rows = sum(len(d) for d in train_data.values()) if isinstance(train_data, dict) else len(train_data)
 
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

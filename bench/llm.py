@@ -1,0 +1,141 @@
+"""LLM benchmarks: ohlora-rag against bare transformers / trl doing the same work, side by side, with ratios.
+
+(1) train-llm tokens/s vs a bare trl SFTTrainer (same data, model, LoRA shape, batch; fp32, no pre-flight);
+(2) `ask` latency split into load / retrieve / generate, and generate tokens/s vs bare `model.generate` on the same
+    prompt (greedy, same max_new_tokens);
+(3) wall time of `ohlora-rag --help` and of a cold `ohlora-rag ask` (new processes).
+
+Run: `python bench/llm.py [--steps 6] [--skip-train]` after `ohlora-rag build-index` (about 10 minutes here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+QUESTION = "What is cosine similarity?"
+
+
+def bench_train(steps: int) -> None:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from ohlora_rag.config import DEFAULT_LLM, LlmTrainConfig, Paths
+    from ohlora_rag.data import load_sft
+    from ohlora_rag.models import resolve
+    from ohlora_rag.prompt import PromptBuilder
+    from ohlora_rag.training.llm import LORA_TARGETS, examples, train_llm
+
+    paths = Paths.resolve(ROOT)
+    base = resolve(DEFAULT_LLM, "llm", paths)
+    rows = load_sft(ROOT / "data" / "sft_train.csv")
+    defaults = LlmTrainConfig(data=ROOT / "data" / "sft_train.csv")
+    n_rows = steps * defaults.batch_size
+    work = Path(tempfile.mkdtemp(prefix="ohlora-bench-llm-"))
+    subset = work / "sft.csv"
+    with (ROOT / "data" / "sft_train.csv").open(encoding="utf-8") as fh:
+        lines = fh.read().splitlines()
+    subset.write_text("\n".join(lines[: n_rows + 1]) + "\n", encoding="utf-8")
+
+    ours = train_llm(LlmTrainConfig(data=subset, epochs=1, out=work / "ours", progress=False), paths)
+
+    tok = AutoTokenizer.from_pretrained(base.path)
+    builder = PromptBuilder.create(tok)
+    sub = load_sft(subset)
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
+    args = SFTConfig(
+        output_dir=str(work / "bare"), num_train_epochs=1, per_device_train_batch_size=defaults.batch_size,
+        learning_rate=defaults.learning_rate, completion_only_loss=True, max_length=None, report_to="none",
+        save_strategy="no", use_cpu=True, disable_tqdm=True, logging_strategy="no",
+    )
+    lora = LoraConfig(r=defaults.lora_r, lora_alpha=defaults.lora_alpha, lora_dropout=defaults.lora_dropout,
+                      target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(examples(sub, builder)),
+                         processing_class=tok, peft_config=lora)
+    tokens = sum(len(x["input_ids"]) for x in trainer.train_dataset)
+    start = time.perf_counter()
+    trainer.train()
+    bare_tps = tokens / (time.perf_counter() - start)
+    print(f"\n(1) train-llm vs bare trl SFTTrainer ({n_rows} rows of {len(rows)}, {steps} steps, batch {defaults.batch_size})")
+    print(f"{'':<28}{'tokens/s':>10}{'ratio':>8}")
+    print(f"{'bare SFTTrainer (fp32)':<28}{bare_tps:>10.0f}{'1.00x':>8}")
+    print(f"{'ohlora-rag train-llm':<28}{ours.tokens_per_second:>10.0f}{ours.tokens_per_second / bare_tps:>7.2f}x")
+
+
+def bench_ask(repeat: int) -> None:
+    import torch
+
+    from ohlora_rag.config import AskConfig, Paths
+    from ohlora_rag.engine import QueryEngine
+
+    engine = QueryEngine.load(AskConfig(), Paths.resolve(ROOT))
+    answers = [engine.ask(QUESTION) for _ in range(repeat)]
+    gen = engine.generator
+    prompt = gen.prompts.prompt(QUESTION, answers[0].used.text if answers[0].used else None)
+    ids = gen.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+    max_new = AskConfig().max_new_tokens
+
+    def bare() -> tuple[float, int]:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = gen.model.generate(**ids, max_new_tokens=max_new, do_sample=False, eos_token_id=gen.tokenizer.eos_token_id,
+                                     pad_token_id=gen.tokenizer.pad_token_id)
+        return time.perf_counter() - start, int(out.shape[1] - ids["input_ids"].shape[1])
+
+    bare_runs = [bare() for _ in range(repeat)]
+    ours_tps = statistics.median(a.new_tokens / a.timings["generate"] for a in answers)
+    bare_tps = statistics.median(n / s for s, n in bare_runs)
+    print(f"\n(2) ask latency (warm, median of {repeat}): load {engine.load_seconds:.2f}s (once), "
+          f"retrieve {statistics.median(a.timings['retrieve'] for a in answers) * 1e3:.1f} ms, "
+          f"generate {statistics.median(a.timings['generate'] for a in answers):.2f}s for {answers[0].new_tokens} tokens")
+    print(f"{'':<28}{'tokens/s':>10}{'ratio':>8}")
+    print(f"{'bare model.generate':<28}{bare_tps:>10.1f}{'1.00x':>8}")
+    print(f"{'ohlora-rag generate':<28}{ours_tps:>10.1f}{ours_tps / bare_tps:>7.2f}x   (time ratio {bare_tps / ours_tps:.2f}x)")
+
+
+def bench_cli(repeat: int) -> None:
+    exe = Path(sys.executable).with_name("ohlora-rag")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ohlora_rag"]
+    env = {**os.environ, "OHLORA_HOME": str(ROOT)}
+
+    def wall(args: list[str]) -> float:
+        start = time.perf_counter()
+        subprocess.run(cmd + args, env=env, check=True, capture_output=True)
+        return time.perf_counter() - start
+
+    help_s = statistics.median(wall(["--help"]) for _ in range(repeat))
+    ask_s = statistics.median(wall(["ask", QUESTION]) for _ in range(2))
+    print("\n(3) command wall time (new process)")
+    print(f"  ohlora-rag --help   {help_s:.2f}s")
+    print(f"  ohlora-rag ask      {ask_s:.2f}s (cold: imports, model loads, retrieval, generation)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6, help="training steps per side in (1)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--skip-train", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ohlora_rag.encoder import quiet_transformers
+
+    quiet_transformers()
+    if not args.skip_train:
+        bench_train(args.steps)
+    bench_ask(args.repeat)
+    bench_cli(args.repeat)
+
+
+if __name__ == "__main__":
+    main()
