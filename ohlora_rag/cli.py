@@ -247,11 +247,11 @@ def train_llm_cmd(
 
 
 def _ask_config(top_k: int, threshold: float | None, max_new_tokens: int, temperature: float, seed: int,
-                base_llm: str | None, adapter: Path | None) -> Any:
+                base_llm: str | None, adapter: Path | None, no_adapter: bool = False) -> Any:
     from .config import AskConfig
 
     return AskConfig(top_k=top_k, threshold=threshold, max_new_tokens=max_new_tokens, temperature=temperature,
-                     seed=seed, base_llm=base_llm, adapter=adapter)
+                     seed=seed, base_llm=base_llm, adapter=adapter, use_adapter=not no_adapter)
 
 
 def _print_answer(answer: Any, streamed: bool) -> None:
@@ -271,6 +271,7 @@ _Temp = Annotated[float, typer.Option("--temperature", help="0 = greedy (reprodu
 _Seed = Annotated[int, typer.Option("--seed", help="Seed for sampling.")]
 _BaseLLM = Annotated[str | None, typer.Option("--base-llm", help="Base LLM (default: the adapter's, else smollm2-135m-instruct).")]
 _Adapter = Annotated[Path | None, typer.Option("--adapter", help="LoRA adapter folder (default: models/llm).")]
+_NoAdapter = Annotated[bool, typer.Option("--no-adapter", help="Answer with the base model even if an adapter is trained.")]
 
 
 @app.command("ask")
@@ -288,6 +289,7 @@ def ask_cmd(
     seed: _Seed = _D.ask.seed,
     base_llm: _BaseLLM = None,
     adapter: _Adapter = None,
+    no_adapter: _NoAdapter = False,
 ) -> None:
     """Answer a question: retrieve the best entry, build the prompt, generate with the LoRA-tuned LLM."""
     from .engine import QueryEngine
@@ -295,7 +297,7 @@ def ask_cmd(
 
     if (question is None) == (file is None):
         raise _usage("give a question or --file FILE (one question per line), not both")
-    config = _ask_config(top_k, threshold, max_new_tokens, temperature, seed, base_llm, adapter)
+    config = _ask_config(top_k, threshold, max_new_tokens, temperature, seed, base_llm, adapter, no_adapter)
     questions = [check_question(question)] if question is not None else _read_questions(file)  # type: ignore[arg-type]
     engine = QueryEngine.load(config, _paths())
     if engine.notice:
@@ -350,11 +352,13 @@ def chat_cmd(
     seed: _Seed = _D.ask.seed,
     base_llm: _BaseLLM = None,
     adapter: _Adapter = None,
+    no_adapter: _NoAdapter = False,
 ) -> None:
     """Ask questions in a loop (models loaded once). An empty line, 'exit' or Ctrl-D ends it."""
     from .engine import QueryEngine
 
-    engine = QueryEngine.load(_ask_config(top_k, threshold, max_new_tokens, temperature, seed, base_llm, adapter), _paths())
+    config = _ask_config(top_k, threshold, max_new_tokens, temperature, seed, base_llm, adapter, no_adapter)
+    engine = QueryEngine.load(config, _paths())
     if engine.notice:
         typer.echo(f"notice: {engine.notice}", err=True)
     typer.echo("Oh-LoRA ML tutor — ask a machine-learning question (empty line or 'exit' to quit).")
@@ -382,6 +386,7 @@ def evaluate_answers_cmd(
     max_new_tokens: _MaxNew = _D.ask.max_new_tokens,
     base_llm: _BaseLLM = None,
     adapter: _Adapter = None,
+    no_adapter: _NoAdapter = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Generate an answer per row: abstention accuracy on no-information rows, grounding, ROUGE-L."""
@@ -393,8 +398,8 @@ def evaluate_answers_cmd(
     rows = load_sft(data if data.is_absolute() or data.exists() else paths.home / data, split=None)
     if limit is not None:
         rows = SftRows(rows.path, rows.questions[:limit], rows.entries[:limit], rows.answers[:limit])
-    config = _ask_config(top_k, threshold, max_new_tokens, 0.0, 0, base_llm, adapter)
-    choice = choose_llm(config.base_llm, config.adapter, paths)
+    config = _ask_config(top_k, threshold, max_new_tokens, 0.0, 0, base_llm, adapter, no_adapter)
+    choice = choose_llm(config.base_llm, config.adapter, paths, use_adapter=config.use_adapter)
     generator = Generator(choice)
     if choice.notice:
         typer.echo(f"notice: {choice.notice}", err=True)

@@ -121,9 +121,9 @@ class SbertTrainConfig:
     """Encoder to start from; None means the built-in base encoder."""
     epochs: int = 4
     batch_size: int = 16
-    learning_rate: float = 5e-5
+    learning_rate: float = 1e-4
     warmup_ratio: float = 0.1
-    loss: str = "cosine"
+    loss: str = "hybrid"
     """cosine (CosineSimilarityLoss, the seed's), cosent (CoSENTLoss), mnrl (MultipleNegativesRankingLoss on the 1.0
     pairs), or hybrid (cosine on the graded pairs + MNRL on (question, right entry, related look-alike) triplets)."""
     seed: int = 42
@@ -217,6 +217,8 @@ class AskConfig:
     """Base LLM; None means the one the adapter was trained on, else the built-in smollm2-135m-instruct."""
     adapter: Path | None = None
     """LoRA adapter folder; None means models/llm when trained."""
+    use_adapter: bool = True
+    """False answers with the base model even when an adapter is trained (for before/after comparisons)."""
     template: str | None = None
     """Prompt template; None means the adapter's (or the tokenizer's chat template)."""
 

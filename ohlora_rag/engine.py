@@ -53,7 +53,7 @@ class QueryEngine:
         paths = paths or Paths.resolve()
         start = time.perf_counter()
         retriever = Retriever.load(SearchConfig(top_k=config.top_k, threshold=config.threshold), paths)
-        generator = Generator(choose_llm(config.base_llm, config.adapter, paths, config.template))
+        generator = Generator(choose_llm(config.base_llm, config.adapter, paths, config.template, config.use_adapter))
         return cls(retriever, generator, config, time.perf_counter() - start)
 
     @property

@@ -193,21 +193,30 @@ def evaluate_retrieval(encoder: Encoder, pairs: Pairs, db_texts: Sequence[str] |
 
 # ----------------------------------------------------------------------------------------------- answers
 
-_ABSTAIN_PATTERNS = (
-    "no matching information", "don't have", "do not have", "not covered", "doesn't cover", "does not cover",
-    "don't cover", "do not cover", "couldn't find", "could not find", "can't find", "cannot find", "not in my notes",
-    "no information", "nothing in my notes", "isn't something my notes", "is not something my notes",
-    "찾을 수 없", "정보가 없", "모르겠", "알 수 없",
+_ABSTAIN_PHRASES = (
+    "no matching information",
+    # the original Korean data's ways of declining: "can't find", "no information", "don't know", "look it up in ..."
+    "찾을 수 없", "정보가 없", "모르겠", "알 수 없", "찾아보", "뭐였더라", "내용만 가지고",
 )
+_NEGATIONS = ("n't", " not ", "nothing", "outside", " no ", "only cover", "never")
 _STOPWORDS = frozenset(
-    ["about", "above", "after", "again", "against", "because", "before", "being", "below", "between", "both", "could", "does", "doing", "during", "each", "from", "further", "having", "here", "into", "itself", "more", "most", "other", "over", "same", "should", "some", "such", "than", "that", "their", "them", "then", "there", "these", "they", "this", "those", "through", "under", "until", "very", "what", "when", "where", "which", "while", "with", "would", "your", "using", "used", "uses", "makes", "make", "often", "usually", "like", "only", "also", "just", "into", "each"]
+    ["about", "above", "after", "again", "against", "because", "before", "being", "below", "between", "both", "could", "does", "doing", "during", "each", "from", "further", "having", "here", "into", "itself", "more", "most", "other", "over", "same", "should", "some", "such", "than", "that", "their", "them", "then", "there", "these", "they", "this", "those", "through", "under", "until", "very", "what", "when", "where", "which", "while", "with", "would", "your", "using", "used", "uses", "makes", "make", "often", "usually", "like", "only", "also", "just", "the", "and", "for", "are", "its", "vs"]
 )
 
 
 def is_abstention(answer: str) -> bool:
-    """True when an answer says the tutor has no matching information."""
-    text = answer.lower().replace("’", "'")
-    return any(p in text for p in _ABSTAIN_PATTERNS)
+    """True when an answer says the tutor has no matching information: a sentence that mentions the tutor's notes
+    together with a negation ("my notes don't cover that", "that is outside my notes"), or an explicit marker."""
+    import re
+
+    text = " " + answer.lower().replace("’", "'") + " "
+    if any(p in text for p in _ABSTAIN_PHRASES):
+        return True
+    for sentence in re.split(r"[.!?]", text):
+        padded = f" {sentence} "
+        if re.search(r"\bnotes?\b", padded) and any(n in padded for n in _NEGATIONS):
+            return True
+    return False
 
 
 def _words(text: str) -> list[str]:
@@ -216,22 +225,32 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[\w'-]+", text.lower())
 
 
-def key_terms(entry: str) -> tuple[list[str], set[str]]:
-    """An entry's names (the part before ' : ', with its parenthesised alias) and its explanation's content words."""
+def _stem(word: str) -> str:
+    return word[:-1] if len(word) > 4 and word.endswith("s") else word
+
+
+def key_terms(entry: str) -> tuple[list[list[str]], set[str]]:
+    """An entry's names — the part before ' : ' split at parentheses, ' and ', ' vs ', commas — as word lists, and
+    its explanation's content words (5+ letters, not stop words)."""
     import re
 
     head, _, body = entry.partition(" : ")
-    names = [n.strip().lower() for n in re.split(r"[()]", head) if n.strip()]
-    content = {w for w in _words(body) if len(w) >= 5 and w not in _STOPWORDS}
+    names = []
+    for part in re.split(r"[(),/]| and | vs\.? ", head.lower()):
+        words = [_stem(w) for w in _words(part) if w not in _STOPWORDS]
+        if words:
+            names.append(words)
+    content = {_stem(w) for w in _words(body) if len(w) >= 5 and w not in _STOPWORDS}
     return names, content
 
 
 def is_grounded(answer: str, entry: str) -> bool:
-    """The answer names the concept (name or alias) and uses at least one content word of the entry's explanation."""
+    """The answer names the concept (at least half the words of one of its names or aliases) and uses at least one
+    content word of the entry's explanation."""
     names, content = key_terms(entry)
-    text = answer.lower()
-    words = set(_words(answer))
-    return any(n in text for n in names) and (not content or bool(content & words))
+    words = {_stem(w) for w in _words(answer)}
+    named = any(sum(w in words for w in name) * 2 >= len(name) for name in names)
+    return named and (not content or bool(content & words))
 
 
 def rouge_l(candidate: str, reference: str) -> float:

@@ -37,19 +37,32 @@ class LLMChoice:
     notice: str | None = None
 
 
-def choose_llm(base_llm: str | None, adapter: str | Path | None, paths: Paths, template: str | None = None) -> LLMChoice:
+def choose_llm(
+    base_llm: str | None, adapter: str | Path | None, paths: Paths, template: str | None = None, use_adapter: bool = True
+) -> LLMChoice:
     """The trained adapter under models/llm/ (with the base and template it was trained with) when present;
     else the base model alone, with a notice. An explicit `base_llm` must match the adapter's base."""
+    if not use_adapter:
+        base = resolve(base_llm or DEFAULT_LLM, "llm", paths)
+        return LLMChoice(base, None, template or "auto", f"--no-adapter: answering with the base model {base.reference}")
     adapter_dir = Path(adapter) if adapter else paths.llm_dir
-    manifest = read_manifest(adapter_dir) if (adapter_dir / "adapter_config.json").is_file() else None
-    if adapter and manifest is None:
-        raise ModelNotFoundError(f"--adapter {adapter}: no LoRA adapter there (adapter_config.json) — run `ohlora-rag train-llm`")
-    if manifest is None:
+    if not (adapter_dir / "adapter_config.json").is_file():
+        if adapter:
+            raise ModelNotFoundError(f"--adapter {adapter}: no LoRA adapter there (adapter_config.json) — run `ohlora-rag train-llm`")
         base = resolve(base_llm or DEFAULT_LLM, "llm", paths)
         notice = f"no trained adapter in {adapter_dir} — answering with the base model {base.reference} (run `ohlora-rag train-llm`)"
         return LLMChoice(base, None, template or "auto", notice)
-    base_ref = base_llm or str(manifest.get("base"))
-    base = resolve(base_ref, "llm", paths)
+    # Ours carry a manifest (base, its fingerprint, template); a plain PEFT adapter names its base in its config.
+    manifest = read_manifest(adapter_dir) or {}
+    if not manifest:
+        import json
+
+        peft_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8") or "{}")
+        manifest = {"base": peft_config.get("base_model_name_or_path")}
+    base_ref = base_llm or manifest.get("base")
+    if not base_ref:
+        raise ModelNotFoundError(f"the adapter in {adapter_dir} does not name its base model — pass --base-llm")
+    base = resolve(str(base_ref), "llm", paths)
     expected = manifest.get("base_fingerprint")
     if expected and base.fingerprint != expected:
         raise ModelNotFoundError(

@@ -21,9 +21,8 @@ from .errors import UsageError
 TEMPLATES = ("auto", "chat", "plain", "seed")
 
 PERSONA = (
-    "You are Oh-LoRA, a warm and encouraging machine-learning tutor. Answer the learner's question in two or three "
-    "short sentences, using only the information given with the question. If no matching information is given, say "
-    "kindly that your notes do not cover it and suggest where to look; never guess or invent facts."
+    "You are Oh-LoRA, a warm machine-learning tutor. Answer in two or three short sentences using only the given "
+    "information. If none is given, say kindly that your notes do not cover it and suggest where to look; never invent facts."
 )
 NO_INFO = "No matching information was found in the tutor's notes."
 SEED_NO_INFO = "알맞은 정보를 찾을 수 없음"

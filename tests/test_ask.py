@@ -134,3 +134,11 @@ def test_streamed_pieces_make_the_answer(tiny_lm: Path, tmp_path: Path) -> None:
     plain = generator.generate(prompt, max_new_tokens=12)
     assert streamed.text == plain.text  # greedy: the same answer either way
     assert "".join(pieces).strip() == plain.text and streamed.new_tokens == plain.new_tokens
+
+
+def test_no_adapter_answers_with_the_base_model(scripted: Path, home: Path, tmp_path: Path) -> None:
+    (home / "models" / "llm").mkdir(parents=True)
+    (home / "models" / "llm" / "adapter_config.json").write_text("{}")  # would fail to load: must not be touched
+    result = runner.invoke(app, ["ask", PRECISION, "--no-adapter", "--base-llm", str(scripted)])
+    assert result.exit_code == 0, result.output
+    assert "--no-adapter: answering with the base model" in result.stderr

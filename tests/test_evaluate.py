@@ -62,7 +62,10 @@ def test_abstention_and_grounding() -> None:
     assert is_abstention("Sorry, my notes don't cover that. Try a search engine.")
     assert not is_abstention("Cosine similarity compares directions.")
     entry = "cosine similarity (cos sim) : measures the angle between two vectors | key idea: direction matters"
-    assert key_terms(entry)[0] == ["cosine similarity", "cos sim"]
+    assert key_terms(entry)[0] == [["cosine", "similarity"], ["cos", "sim"]]
     assert is_grounded("Cosine similarity measures the angle between vectors.", entry)
     assert not is_grounded("It measures the angle between vectors.", entry)  # never names the concept
     assert not is_grounded("Cosine similarity is great.", entry)  # names it, says nothing from the entry
+    assert is_abstention("That is outside what my notes cover, so I won't guess.")
+    assert not is_abstention("My notes say dropout zeroes units; it is not a loss function.".replace("; it is", ". It is"))
+    assert is_abstention("미안 ㅠㅠ 그런 건 AI-study 레포에서 찾아보면 될 것 같아!")

@@ -39,7 +39,7 @@ def test_two_steps_change_weights_and_write_files(tmp_path: Path, tiny_sbert: Pa
     data = write_pairs(tmp_path / "pairs.csv")  # 30 pairs; valid = 1 of 5 questions -> 24 train pairs
     config = SbertTrainConfig(
         data=data, base=str(tiny_sbert), epochs=1, batch_size=12, freeze_layers=1, out=tmp_path / "sbert",
-        progress=False, bf16=False,
+        progress=False, bf16=False, loss="cosine",
     )
     report = train_sbert(config, Paths(tmp_path))
     assert report.steps == 2 and report.train_pairs == 24 and report.valid_pairs == 6
@@ -57,7 +57,7 @@ def test_two_steps_change_weights_and_write_files(tmp_path: Path, tiny_sbert: Pa
 
 def test_resume(tmp_path: Path, tiny_sbert: Path) -> None:
     data = write_pairs(tmp_path / "pairs.csv")
-    kw = dict(data=data, base=str(tiny_sbert), batch_size=12, out=tmp_path / "sbert", progress=False, bf16=False, freeze_layers=0)
+    kw = dict(data=data, base=str(tiny_sbert), batch_size=12, out=tmp_path / "sbert", progress=False, bf16=False, freeze_layers=0, loss="cosine")
     train_sbert(SbertTrainConfig(epochs=1, **kw), Paths(tmp_path))  # type: ignore[arg-type]
     again = train_sbert(SbertTrainConfig(epochs=2, resume=True, **kw), Paths(tmp_path))  # type: ignore[arg-type]
     assert again.steps == 2  # the second epoch only

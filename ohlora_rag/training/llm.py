@@ -114,6 +114,10 @@ def train_llm(config: LlmTrainConfig, paths: Paths | None = None) -> LlmTrainRep
         raise UsageError(f"--resume: no checkpoint in {checkpoints} — run once without --resume")
 
     quiet_transformers()
+    if not config.progress:
+        import datasets
+
+        datasets.disable_progress_bars()
     set_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(base.path, local_files_only=True)
     if tokenizer.pad_token is None:
