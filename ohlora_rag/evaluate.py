@@ -205,8 +205,9 @@ _STOPWORDS = frozenset(
 
 
 def is_abstention(answer: str) -> bool:
-    """True when an answer says the tutor has no matching information: a sentence that mentions the tutor's notes
-    together with a negation ("my notes don't cover that", "that is outside my notes"), or an explicit marker."""
+    """True when an answer says the tutor has no matching information: a first-person sentence that mentions the
+    tutor's notes or information together with a negation ("my notes don't cover that", "I don't have any information on that"), or
+    an explicit marker."""
     import re
 
     text = " " + answer.lower().replace("’", "'") + " "
@@ -214,7 +215,8 @@ def is_abstention(answer: str) -> bool:
         return True
     for sentence in re.split(r"[.!?]", text):
         padded = f" {sentence} "
-        if re.search(r"\bnotes?\b", padded) and any(n in padded for n in _NEGATIONS):
+        first_person = re.search(r"\b(i|i'm|i'd|i've|my|me)\b", padded)
+        if first_person and re.search(r"\b(notes?|information|info)\b", padded) and any(n in padded for n in _NEGATIONS):
             return True
     return False
 
