@@ -247,11 +247,11 @@ def train_llm_cmd(
 
 
 def _ask_config(top_k: int, threshold: float | None, max_new_tokens: int, temperature: float, seed: int,
-                base_llm: str | None, adapter: Path | None, no_adapter: bool = False) -> Any:
+                base_llm: str | None, adapter: Path | None, no_adapter: bool = False, no_guard: bool = False) -> Any:
     from .config import AskConfig
 
     return AskConfig(top_k=top_k, threshold=threshold, max_new_tokens=max_new_tokens, temperature=temperature,
-                     seed=seed, base_llm=base_llm, adapter=adapter, use_adapter=not no_adapter)
+                     seed=seed, base_llm=base_llm, adapter=adapter, use_adapter=not no_adapter, guard=not no_guard)
 
 
 def _print_answer(answer: Any, streamed: bool) -> None:
@@ -272,6 +272,7 @@ _Seed = Annotated[int, typer.Option("--seed", help="Seed for sampling.")]
 _BaseLLM = Annotated[str | None, typer.Option("--base-llm", help="Base LLM (default: the adapter's, else smollm2-135m-instruct).")]
 _Adapter = Annotated[Path | None, typer.Option("--adapter", help="LoRA adapter folder (default: models/llm).")]
 _NoAdapter = Annotated[bool, typer.Option("--no-adapter", help="Answer with the base model even if an adapter is trained.")]
+_NoGuard = Annotated[bool, typer.Option("--no-guard", help="Keep the model's reply even when nothing matched and it did not decline.")]
 
 
 @app.command("ask")
@@ -290,6 +291,7 @@ def ask_cmd(
     base_llm: _BaseLLM = None,
     adapter: _Adapter = None,
     no_adapter: _NoAdapter = False,
+    no_guard: _NoGuard = False,
 ) -> None:
     """Answer a question: retrieve the best entry, build the prompt, generate with the LoRA-tuned LLM."""
     from .engine import QueryEngine
@@ -297,7 +299,7 @@ def ask_cmd(
 
     if (question is None) == (file is None):
         raise _usage("give a question or --file FILE (one question per line), not both")
-    config = _ask_config(top_k, threshold, max_new_tokens, temperature, seed, base_llm, adapter, no_adapter)
+    config = _ask_config(top_k, threshold, max_new_tokens, temperature, seed, base_llm, adapter, no_adapter, no_guard)
     questions = [check_question(question)] if question is not None else _read_questions(file)  # type: ignore[arg-type]
     engine = QueryEngine.load(config, _paths())
     if engine.notice:
@@ -353,11 +355,12 @@ def chat_cmd(
     base_llm: _BaseLLM = None,
     adapter: _Adapter = None,
     no_adapter: _NoAdapter = False,
+    no_guard: _NoGuard = False,
 ) -> None:
     """Ask questions in a loop (models loaded once). An empty line, 'exit' or Ctrl-D ends it."""
     from .engine import QueryEngine
 
-    config = _ask_config(top_k, threshold, max_new_tokens, temperature, seed, base_llm, adapter, no_adapter)
+    config = _ask_config(top_k, threshold, max_new_tokens, temperature, seed, base_llm, adapter, no_adapter, no_guard)
     engine = QueryEngine.load(config, _paths())
     if engine.notice:
         typer.echo(f"notice: {engine.notice}", err=True)

@@ -221,6 +221,9 @@ class AskConfig:
     """False answers with the base model even when an adapter is trained (for before/after comparisons)."""
     template: str | None = None
     """Prompt template; None means the adapter's (or the tokenizer's chat template)."""
+    guard: bool = True
+    """When nothing matched and the model's reply does not decline, answer with the standard decline instead:
+    a small model can still invent an answer, and without an entry there is nothing to ground it."""
 
     def __post_init__(self) -> None:
         SearchConfig(top_k=self.top_k, threshold=self.threshold)  # same checks as search

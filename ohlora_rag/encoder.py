@@ -13,10 +13,15 @@ from .models import ModelRef
 
 def quiet_transformers() -> None:
     """Silence weight-loading bars and 'newly initialised' chatter; our own progress bars stay."""
+    import warnings
+
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    for module in ("transformers", "peft", "trl", "sentence_transformers"):  # deprecation notices meant for their devs
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
 
 
 class Encoder:

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import AskConfig, Paths, SearchConfig
+from .evaluate import is_abstention
 from .generator import Generator, choose_llm
+from .prompt import DECLINE
 from .retriever import Hit, Retriever, check_question
 
 
@@ -23,6 +25,7 @@ class Answer:
     threshold: float
     new_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
+    guarded: bool = False  # the model's reply to a no-information prompt did not decline and was replaced
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -34,6 +37,7 @@ class Answer:
             "scores": [round(h.score, 6) for h in self.sources],
             "threshold": self.threshold,
             "new_tokens": self.new_tokens,
+            "guarded": self.guarded,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
         }
 
@@ -72,4 +76,11 @@ class QueryEngine:
             prompt, self.config.max_new_tokens, self.config.temperature, self.config.seed, on_text=on_text
         )
         timings = {"load": self.load_seconds, "retrieve": retrieve, "generate": generation.seconds}
-        return Answer(question, generation.text, used, result.hits, result.threshold, generation.new_tokens, timings)
+        text, guarded = generation.text, False
+        if used is None and self.config.guard and not is_abstention(text):
+            text, guarded = DECLINE, True
+            if on_text:
+                on_text(f"\n[replaced: nothing in the notes matched] {DECLINE}")
+        answer = Answer(question, text, used, result.hits, result.threshold, generation.new_tokens, timings)
+        answer.guarded = guarded
+        return answer

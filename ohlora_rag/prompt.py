@@ -25,6 +25,11 @@ PERSONA = (
     "information. If none is given, say kindly that your notes do not cover it and suggest where to look; never invent facts."
 )
 NO_INFO = "No matching information was found in the tutor's notes."
+#: What `ask` says when nothing matched and the model did not decline by itself (see AskConfig.guard).
+DECLINE = (
+    "I'm sorry, my notes don't cover that, so I won't guess. A search engine, an encyclopedia or the official "
+    "documentation of the tool you're asking about would be a better place to look."
+)
 SEED_NO_INFO = "알맞은 정보를 찾을 수 없음"
 #: Values of a training table's entry column that mean "no matching information".
 NO_INFO_MARKERS = frozenset({"", NO_INFO, SEED_NO_INFO})

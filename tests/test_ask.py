@@ -142,3 +142,24 @@ def test_no_adapter_answers_with_the_base_model(scripted: Path, home: Path, tmp_
     result = runner.invoke(app, ["ask", PRECISION, "--no-adapter", "--base-llm", str(scripted)])
     assert result.exit_code == 0, result.output
     assert "--no-adapter: answering with the base model" in result.stderr
+
+
+class InventingGenerator(ScriptedGenerator):
+    """A model that answers everything, even without information."""
+
+    def generate(self, prompt: str, max_new_tokens: int = 160, temperature: float = 0.0, seed: int | None = None,
+                 on_text: Any = None) -> Generation:
+        ScriptedGenerator.prompts_seen.append(prompt)
+        return Generation("The president of France is someone I made up.", 9, 0.01)
+
+
+def test_guard_replaces_an_invented_answer_when_nothing_matched(scripted: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ohlora_rag.prompt import DECLINE
+
+    monkeypatch.setattr(engine_module, "Generator", InventingGenerator)
+    declined = json.loads(runner.invoke(app, ["ask", "who leads france", "--threshold", "1.0", "--json", "--base-llm", str(scripted)]).stdout)
+    assert declined["answer"] == DECLINE and declined["guarded"] is True
+    kept = json.loads(runner.invoke(app, ["ask", "who leads france", "--threshold", "1.0", "--json", "--no-guard", "--base-llm", str(scripted)]).stdout)
+    assert kept["answer"].startswith("The president of France") and kept["guarded"] is False
+    matched = json.loads(runner.invoke(app, ["ask", PRECISION, "--json", "--base-llm", str(scripted)]).stdout)
+    assert matched["guarded"] is False  # with an entry in the prompt the model's answer stands
