@@ -23,6 +23,7 @@ from ..errors import OhloraError, UsageError
 from ..generator import encode_prompt
 from ..models import resolve, swap_in, write_manifest
 from ..prompt import PromptBuilder
+from .sbert import quiet_trainer, warmup
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -131,7 +132,7 @@ def train_llm(config: LlmTrainConfig, paths: Paths | None = None) -> LlmTrainRep
     args = SFTConfig(
         output_dir=str(checkpoints), num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size, learning_rate=config.learning_rate, lr_scheduler_type="linear",
-        warmup_steps=0.05, seed=config.seed, data_seed=config.seed, save_strategy="epoch", save_total_limit=1,
+        **warmup(0.05), seed=config.seed, data_seed=config.seed, save_strategy="epoch", save_total_limit=1,
         eval_strategy="epoch" if valid else "no", logging_strategy="epoch", report_to="none",
         completion_only_loss=True, max_length=None, padding_free=False, disable_tqdm=not config.progress,
         bf16=native_bf16() if config.bf16 is None else config.bf16, use_cpu=torch_device() == "cpu",
@@ -148,6 +149,8 @@ def train_llm(config: LlmTrainConfig, paths: Paths | None = None) -> LlmTrainRep
         eval_dataset=Dataset.from_dict(examples(valid, builder)) if valid else None,
         processing_class=tokenizer, peft_config=lora, callbacks=[_Count()],
     )
+    if not config.progress:
+        quiet_trainer(trainer)
     loss_tokens = preflight(list(trainer.train_dataset), rows, builder, config.max_length)
     if valid:
         preflight(list(trainer.eval_dataset), valid, builder, config.max_length)

@@ -43,6 +43,21 @@ def split_by_question(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, 
     return pairs.subset(train_rows), pairs.subset(valid_rows)
 
 
+def warmup(ratio: float) -> dict[str, float]:
+    """Warm-up as a share of the steps: `warmup_steps` takes a float from transformers 5, `warmup_ratio` before."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"warmup_steps": ratio} if major >= 5 else {"warmup_ratio": ratio}
+
+
+def quiet_trainer(trainer: Any) -> None:
+    """No per-epoch metric dicts on stdout (they stay in trainer.state.log_history)."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+
+
 def freeze(transformer: Any, embeddings: bool, layers: int) -> None:
     """Stop gradients into the word embeddings and, when `layers` > 0, the embedding block and the lowest layers."""
     if embeddings or layers:
@@ -165,7 +180,7 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
 
     args = SentenceTransformerTrainingArguments(
         output_dir=str(checkpoints), num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=64, learning_rate=config.learning_rate, warmup_ratio=config.warmup_ratio,
+        per_device_eval_batch_size=64, learning_rate=config.learning_rate, **warmup(config.warmup_ratio),
         seed=config.seed, data_seed=config.seed, save_strategy="epoch", save_total_limit=1, eval_strategy="epoch",
         logging_strategy="epoch", report_to="none", prompts=_prompts(model, config.loss), disable_tqdm=not config.progress,
         dataloader_drop_last=False, use_cpu=not torch.cuda.is_available(),
@@ -180,6 +195,8 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, loss=loss, callbacks=[_Count()],
     )
+    if not config.progress:
+        quiet_trainer(trainer)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if config.resume else None)
     seconds = time.perf_counter() - start
