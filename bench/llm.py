@@ -55,19 +55,39 @@ def bench_train(steps: int) -> None:
     sub = load_sft(subset)
     model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
     args = SFTConfig(
-        output_dir=str(work / "bare"), num_train_epochs=1, per_device_train_batch_size=defaults.batch_size,
-        learning_rate=defaults.learning_rate, completion_only_loss=True, max_length=None, report_to="none",
-        save_strategy="no", use_cpu=True, disable_tqdm=True, logging_strategy="no",
+        output_dir=str(work / "bare"),
+        num_train_epochs=1,
+        per_device_train_batch_size=defaults.batch_size,
+        learning_rate=defaults.learning_rate,
+        completion_only_loss=True,
+        max_length=None,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
     )
-    lora = LoraConfig(r=defaults.lora_r, lora_alpha=defaults.lora_alpha, lora_dropout=defaults.lora_dropout,
-                      target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(examples(sub, builder)),
-                         processing_class=tok, peft_config=lora)
+    lora = LoraConfig(
+        r=defaults.lora_r,
+        lora_alpha=defaults.lora_alpha,
+        lora_dropout=defaults.lora_dropout,
+        target_modules=LORA_TARGETS,
+        task_type="CAUSAL_LM",
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict(examples(sub, builder)),
+        processing_class=tok,
+        peft_config=lora,
+    )
     tokens = sum(len(x["input_ids"]) for x in trainer.train_dataset)
     start = time.perf_counter()
     trainer.train()
     bare_tps = tokens / (time.perf_counter() - start)
-    print(f"\n(1) train-llm vs bare trl SFTTrainer ({n_rows} rows of {len(rows)}, {steps} steps, batch {defaults.batch_size})")
+    print(
+        f"\n(1) train-llm vs bare trl SFTTrainer ({n_rows} rows of {len(rows)}, {steps} steps, batch {defaults.batch_size})"
+    )
     print(f"{'':<28}{'tokens/s':>10}{'ratio':>8}")
     print(f"{'bare SFTTrainer (fp32)':<28}{bare_tps:>10.0f}{'1.00x':>8}")
     print(f"{'ohlora-rag train-llm':<28}{ours.tokens_per_second:>10.0f}{ours.tokens_per_second / bare_tps:>7.2f}x")
@@ -89,19 +109,28 @@ def bench_ask(repeat: int) -> None:
     def bare() -> tuple[float, int]:
         start = time.perf_counter()
         with torch.inference_mode():
-            out = gen.model.generate(**ids, max_new_tokens=max_new, do_sample=False, eos_token_id=gen.tokenizer.eos_token_id,
-                                     pad_token_id=gen.tokenizer.pad_token_id)
+            out = gen.model.generate(
+                **ids,
+                max_new_tokens=max_new,
+                do_sample=False,
+                eos_token_id=gen.tokenizer.eos_token_id,
+                pad_token_id=gen.tokenizer.pad_token_id,
+            )
         return time.perf_counter() - start, int(out.shape[1] - ids["input_ids"].shape[1])
 
     bare_runs = [bare() for _ in range(repeat)]
     ours_tps = statistics.median(a.new_tokens / a.timings["generate"] for a in answers)
     bare_tps = statistics.median(n / s for s, n in bare_runs)
-    print(f"\n(2) ask latency (warm, median of {repeat}): load {engine.load_seconds:.2f}s (once), "
-          f"retrieve {statistics.median(a.timings['retrieve'] for a in answers) * 1e3:.1f} ms, "
-          f"generate {statistics.median(a.timings['generate'] for a in answers):.2f}s for {answers[0].new_tokens} tokens")
+    print(
+        f"\n(2) ask latency (warm, median of {repeat}): load {engine.load_seconds:.2f}s (once), "
+        f"retrieve {statistics.median(a.timings['retrieve'] for a in answers) * 1e3:.1f} ms, "
+        f"generate {statistics.median(a.timings['generate'] for a in answers):.2f}s for {answers[0].new_tokens} tokens"
+    )
     print(f"{'':<28}{'tokens/s':>10}{'ratio':>8}")
     print(f"{'bare model.generate':<28}{bare_tps:>10.1f}{'1.00x':>8}")
-    print(f"{'ohlora-rag generate':<28}{ours_tps:>10.1f}{ours_tps / bare_tps:>7.2f}x   (time ratio {bare_tps / ours_tps:.2f}x)")
+    print(
+        f"{'ohlora-rag generate':<28}{ours_tps:>10.1f}{ours_tps / bare_tps:>7.2f}x   (time ratio {bare_tps / ours_tps:.2f}x)"
+    )
 
 
 def bench_cli(repeat: int) -> None:

@@ -29,9 +29,16 @@ sys.path.insert(0, str(ROOT))
 SEED_DB = ROOT.parent / "shared" / "ohlora-data" / "concept_db.txt"
 
 QUESTIONS = [
-    "What is cosine similarity?", "코사인 유사도가 뭐야?", "how does dropout prevent overfitting",
-    "LoRA가 뭐야?", "precision vs recall", "what is a learning rate warm-up?", "배치 정규화 설명해줘",
-    "why use cross-validation", "what is RAG", "Adam optimizer 원리",
+    "What is cosine similarity?",
+    "코사인 유사도가 뭐야?",
+    "how does dropout prevent overfitting",
+    "LoRA가 뭐야?",
+    "precision vs recall",
+    "what is a learning rate warm-up?",
+    "배치 정규화 설명해줘",
+    "why use cross-validation",
+    "what is RAG",
+    "Adam optimizer 원리",
 ]
 
 
@@ -77,16 +84,44 @@ def bench_encode(paths: object, dbs: list[Path]) -> None:
 
         def bare_total() -> float:
             start = time.perf_counter()
-            SentenceTransformer(str(ref.path), device="cpu").encode(texts, prompt_name="passage", normalize_embeddings=True)
+            SentenceTransformer(str(ref.path), device="cpu").encode(
+                texts, prompt_name="passage", normalize_embeddings=True
+            )
             return time.perf_counter() - start
 
         bare_s = statistics.median([bare_encode() for _ in range(3)])
-        ours_s = statistics.median([build_index(IndexConfig(db=db_path, progress=False), paths).encode_seconds for _ in range(3)])  # type: ignore[arg-type]
+        ours_s = statistics.median(
+            [build_index(IndexConfig(db=db_path, progress=False), paths).encode_seconds for _ in range(3)]
+        )  # type: ignore[arg-type]
         name = db_path.name if db_path.parent.name != "data" else f"data/{db_path.name}"
-        print(row([f"{name}: encode", str(len(texts)), f"{len(texts) / ours_s:.1f}", f"{len(texts) / bare_s:.1f}", f"{bare_s / ours_s:.2f}x"], widths))
-        total = statistics.median([build_index(IndexConfig(db=db_path, progress=False), paths).total_seconds for _ in range(3)])  # type: ignore[arg-type]
+        print(
+            row(
+                [
+                    f"{name}: encode",
+                    str(len(texts)),
+                    f"{len(texts) / ours_s:.1f}",
+                    f"{len(texts) / bare_s:.1f}",
+                    f"{bare_s / ours_s:.2f}x",
+                ],
+                widths,
+            )
+        )
+        total = statistics.median(
+            [build_index(IndexConfig(db=db_path, progress=False), paths).total_seconds for _ in range(3)]
+        )  # type: ignore[arg-type]
         bare_t = statistics.median([bare_total() for _ in range(3)])
-        print(row([f"{name}: build vs load+encode", str(len(texts)), f"{len(texts) / total:.1f}", f"{len(texts) / bare_t:.1f}", f"{bare_t / total:.2f}x"], widths))
+        print(
+            row(
+                [
+                    f"{name}: build vs load+encode",
+                    str(len(texts)),
+                    f"{len(texts) / total:.1f}",
+                    f"{len(texts) / bare_t:.1f}",
+                    f"{bare_t / total:.2f}x",
+                ],
+                widths,
+            )
+        )
 
 
 def bench_seed_method(paths: object, db_path: Path) -> None:
@@ -160,7 +195,21 @@ def bench_search(sizes: list[int], d: int = 384, k: int = 5) -> None:
             bare_s = timed(lambda: bare.search(q, k), repeat=rep)
             numpy_s = timed(lambda: np.argmax(q @ x.T, axis=1), repeat=rep)
             assert np.array_equal(ours.search(q, k)[1], bare.search(q, k)[1])
-            print(row([f"{n:,}", str(nq), f"{ours_s * 1e3:.1f}", f"{bare_s * 1e3:.1f}", f"{numpy_s * 1e3:.1f}", f"{floor_s * 1e3:.1f}", f"{ours_s / floor_s:.2f}x", f"{ours_s / numpy_s:.2f}x"], widths))
+            print(
+                row(
+                    [
+                        f"{n:,}",
+                        str(nq),
+                        f"{ours_s * 1e3:.1f}",
+                        f"{bare_s * 1e3:.1f}",
+                        f"{numpy_s * 1e3:.1f}",
+                        f"{floor_s * 1e3:.1f}",
+                        f"{ours_s / floor_s:.2f}x",
+                        f"{ours_s / numpy_s:.2f}x",
+                    ],
+                    widths,
+                )
+            )
         print(f"   read bandwidth {bandwidth}")
 
 

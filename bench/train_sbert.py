@@ -33,7 +33,10 @@ def split_file(path: Path, fraction: float, seed: int, folder: Path) -> tuple[Pa
     random.Random(seed).shuffle(questions)
     held = set(questions[: max(1, round(len(questions) * fraction))])
     out = []
-    for name, keep in (("train", lambda r: r["user_question"] not in held), ("valid", lambda r: r["user_question"] in held)):
+    for name, keep in (
+        ("train", lambda r: r["user_question"] not in held),
+        ("valid", lambda r: r["user_question"] in held),
+    ):
         target = folder / f"{name}.csv"
         with target.open("w", encoding="utf-8", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -60,11 +63,20 @@ def bare_recipe(train: Path, base_path: Path, out: Path, epochs: int, seed: int)
     model.max_seq_length = 64
     data = Dataset.from_dict({"sentence1": pairs.questions, "sentence2": pairs.entries, "score": pairs.scores})
     args = SentenceTransformerTrainingArguments(
-        output_dir=str(out / "ckpt"), num_train_epochs=epochs, per_device_train_batch_size=16, warmup_ratio=0.1,
-        seed=seed, save_strategy="no", report_to="none", use_cpu=True, logging_strategy="no",
+        output_dir=str(out / "ckpt"),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=16,
+        warmup_ratio=0.1,
+        seed=seed,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        logging_strategy="no",
         prompts={"sentence1": "query: ", "sentence2": "passage: "},
     )
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=losses.CosineSimilarityLoss(model))
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=data, loss=losses.CosineSimilarityLoss(model)
+    )
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -74,7 +86,9 @@ def bare_recipe(train: Path, base_path: Path, out: Path, epochs: int, seed: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=SEED_PAIRS if SEED_PAIRS.exists() else ROOT / "data" / "sbert_train.csv")
+    parser.add_argument(
+        "--data", type=Path, default=SEED_PAIRS if SEED_PAIRS.exists() else ROOT / "data" / "sbert_train.csv"
+    )
     parser.add_argument("--valid", type=Path)
     parser.add_argument("--db", type=Path, help="DB to rank against (default: the entries of the pairs)")
     parser.add_argument("--epochs", type=int, default=2)
@@ -97,17 +111,28 @@ def main() -> None:
     base = resolve(DEFAULT_ENCODER, "encoder", paths)
     valid_pairs = load_pairs(valid, split=None)
     db = load_concepts(args.db).texts if args.db else sorted(set(load_pairs(train).entries) | set(valid_pairs.entries))
-    print(f"data {args.data.name}: train {train.name}, held-out {len(set(valid_pairs.questions))} questions; {args.epochs} epochs; DB {len(db)} entries")
+    print(
+        f"data {args.data.name}: train {train.name}, held-out {len(set(valid_pairs.questions))} questions; {args.epochs} epochs; DB {len(db)} entries"
+    )
 
     results = {}
     results["base (no training)"] = (None, evaluate_retrieval(Encoder(base), valid_pairs, db))
     report = train_sbert(
-        SbertTrainConfig(data=train, valid=valid, epochs=args.epochs, seed=args.seed, out=work / "ours", progress=False), paths
+        SbertTrainConfig(
+            data=train, valid=valid, epochs=args.epochs, seed=args.seed, out=work / "ours", progress=False
+        ),
+        paths,
     )
-    results["ohlora-rag train-sbert"] = (report.pairs_per_second, evaluate_retrieval(Encoder(ModelRef("ours", report.out)), valid_pairs, db))
+    results["ohlora-rag train-sbert"] = (
+        report.pairs_per_second,
+        evaluate_retrieval(Encoder(ModelRef("ours", report.out)), valid_pairs, db),
+    )
     if not args.skip_bare:
         seconds, seen = bare_recipe(train, base.path, work / "bare", args.epochs, args.seed)
-        results["bare seed recipe"] = (seen / seconds, evaluate_retrieval(Encoder(ModelRef("bare", work / "bare" / "model")), valid_pairs, db))
+        results["bare seed recipe"] = (
+            seen / seconds,
+            evaluate_retrieval(Encoder(ModelRef("bare", work / "bare" / "model")), valid_pairs, db),
+        )
 
     header = ["recipe", "pairs/s", "speed-up", "MSE", "MAE", "Pearson", "Spearman", "R@1", "R@5", "MRR@10"]
     print("  ".join(f"{h:>10}" if i else f"{h:<24}" for i, h in enumerate(header)))
@@ -117,8 +142,13 @@ def main() -> None:
         cells = [
             f"{speed:.1f}" if speed else "-",
             f"{speed / bare_speed:.2f}x" if speed and bare_speed else "-",
-            f"{rep.pairs.mse:.4f}", f"{rep.pairs.mae:.4f}", f"{rep.pairs.pearson:.4f}", f"{rep.pairs.spearman:.4f}",
-            f"{r.recall_at_1:.3f}" if r else "-", f"{r.recall_at_5:.3f}" if r else "-", f"{r.mrr_at_10:.3f}" if r else "-",
+            f"{rep.pairs.mse:.4f}",
+            f"{rep.pairs.mae:.4f}",
+            f"{rep.pairs.pearson:.4f}",
+            f"{rep.pairs.spearman:.4f}",
+            f"{r.recall_at_1:.3f}" if r else "-",
+            f"{r.recall_at_5:.3f}" if r else "-",
+            f"{r.mrr_at_10:.3f}" if r else "-",
         ]
         print("  ".join([f"{name:<24}", *[f"{c:>10}" for c in cells]]))
 

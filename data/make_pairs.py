@@ -44,11 +44,18 @@ def main() -> None:
         data_type = "train" if q["split"] == "train" else "valid"
         for text, score in rows:
             out[q["split"]].append(
-                {"data_type": data_type, "user_question": q["question"], "rag_retrieved_data": text, "similarity_score": f"{score}"}
+                {
+                    "data_type": data_type,
+                    "user_question": q["question"],
+                    "rag_retrieved_data": text,
+                    "similarity_score": f"{score}",
+                }
             )
     for split, rows in out.items():
         with (HERE / f"sbert_{split}.csv").open("w", encoding="utf-8", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["data_type", "user_question", "rag_retrieved_data", "similarity_score"])
+            writer = csv.DictWriter(
+                fh, fieldnames=["data_type", "user_question", "rag_retrieved_data", "similarity_score"]
+            )
             writer.writeheader()
             writer.writerows(rows)
         print(f"data/sbert_{split}.csv: {len(rows)} pairs")

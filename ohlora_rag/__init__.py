@@ -15,15 +15,26 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Paths": "config", "IndexConfig": "config", "SearchConfig": "config",
-    "OhloraError": "errors", "DataFormatError": "errors", "IndexNotFoundError": "errors",
-    "IndexMismatchError": "errors", "ModelNotFoundError": "errors", "UsageError": "errors",
-    "load_concepts": "data", "ConceptDB": "data",
+    "Paths": "config",
+    "IndexConfig": "config",
+    "SearchConfig": "config",
+    "OhloraError": "errors",
+    "DataFormatError": "errors",
+    "IndexNotFoundError": "errors",
+    "IndexMismatchError": "errors",
+    "ModelNotFoundError": "errors",
+    "UsageError": "errors",
+    "load_concepts": "data",
+    "ConceptDB": "data",
     "Encoder": "encoder",
-    "resolve": "models", "choose_encoder": "models",
-    "VectorIndex": "index", "load_index": "index",
+    "resolve": "models",
+    "choose_encoder": "models",
+    "VectorIndex": "index",
+    "load_index": "index",
     "build_index": "indexing",
-    "Retriever": "retriever", "Hit": "retriever", "SearchResult": "retriever",
+    "Retriever": "retriever",
+    "Hit": "retriever",
+    "SearchResult": "retriever",
 }
 
 __all__ = ["__version__", *_EXPORTS]

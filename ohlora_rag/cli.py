@@ -58,7 +58,9 @@ def friendly(func: F) -> F:
 def main(
     home: Annotated[
         str | None,
-        typer.Option("--home", help="Folder holding data/, index/, models/ (default: $OHLORA_HOME, else the current folder)."),
+        typer.Option(
+            "--home", help="Folder holding data/, index/, models/ (default: $OHLORA_HOME, else the current folder)."
+        ),
     ] = None,
 ) -> None:
     _State.home = home
@@ -67,10 +69,15 @@ def main(
 @app.command("build-index")
 @friendly
 def build_index_cmd(
-    db: Annotated[Path | None, typer.Option("--db", help="Concept DB (.txt/.csv/.parquet) (default: data/concepts.csv).")] = None,
+    db: Annotated[
+        Path | None, typer.Option("--db", help="Concept DB (.txt/.csv/.parquet) (default: data/concepts.csv).")
+    ] = None,
     encoder: Annotated[
         str | None,
-        typer.Option("--encoder", help="Encoder: folder, built-in alias or hub id (default: models/sbert/ if trained, else multilingual-e5-small)."),
+        typer.Option(
+            "--encoder",
+            help="Encoder: folder, built-in alias or hub id (default: models/sbert/ if trained, else multilingual-e5-small).",
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per encoder batch.")] = _D.index.batch_size,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -95,9 +102,13 @@ def search_cmd(
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Entries to show.")] = _D.search.top_k,
     threshold: Annotated[
         float | None,
-        typer.Option("--threshold", help="Cosine below which nothing counts as a match (default: calibrated, else 0.5)."),
+        typer.Option(
+            "--threshold", help="Cosine below which nothing counts as a match (default: calibrated, else 0.5)."
+        ),
     ] = None,
-    encoder: Annotated[str | None, typer.Option("--encoder", help="Encoder to query with (default: the one build-index uses).")] = None,
+    encoder: Annotated[
+        str | None, typer.Option("--encoder", help="Encoder to query with (default: the one build-index uses).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Retrieve the concept entries closest to a question (retrieval only, no LLM)."""
@@ -136,24 +147,53 @@ def _print_report(name: str, report: Any) -> None:
 
 
 _REPORT_HEADER = f"{'model':<28}" + "".join(
-    f"{h:>10}" for h in ("MSE", "MAE", "Pearson", "Spearman", "R@1", "R@5", "MRR@10", "threshold", "precision", "recall", "coverage")
+    f"{h:>10}"
+    for h in (
+        "MSE",
+        "MAE",
+        "Pearson",
+        "Spearman",
+        "R@1",
+        "R@5",
+        "MRR@10",
+        "threshold",
+        "precision",
+        "recall",
+        "coverage",
+    )
 )
 
 
 @app.command("train-sbert")
 @friendly
 def train_sbert_cmd(
-    data: Annotated[Path, typer.Option("--data", help="Pairs CSV/Parquet: user_question, rag_retrieved_data, similarity_score.")] = _D.sbert.data,
-    valid: Annotated[Path | None, typer.Option("--valid", help="Validation pairs (default: a seeded 10 % split by question).")] = None,
-    base: Annotated[str | None, typer.Option("--base", help="Encoder to start from (default: multilingual-e5-small).")] = None,
+    data: Annotated[
+        Path, typer.Option("--data", help="Pairs CSV/Parquet: user_question, rag_retrieved_data, similarity_score.")
+    ] = _D.sbert.data,
+    valid: Annotated[
+        Path | None, typer.Option("--valid", help="Validation pairs (default: a seeded 10 % split by question).")
+    ] = None,
+    base: Annotated[
+        str | None, typer.Option("--base", help="Encoder to start from (default: multilingual-e5-small).")
+    ] = None,
     epochs: Annotated[int, typer.Option("--epochs")] = _D.sbert.epochs,
     batch_size: Annotated[int, typer.Option("--batch-size")] = _D.sbert.batch_size,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = _D.sbert.learning_rate,
-    loss: Annotated[str, typer.Option("--loss", help="cosine (the seed's CosineSimilarityLoss) | cosent | mnrl | hybrid (cosine + MNRL on look-alike triplets).")] = _D.sbert.loss,
+    loss: Annotated[
+        str,
+        typer.Option(
+            "--loss",
+            help="cosine (the seed's CosineSimilarityLoss) | cosent | mnrl | hybrid (cosine + MNRL on look-alike triplets).",
+        ),
+    ] = _D.sbert.loss,
     seed: Annotated[int, typer.Option("--seed")] = _D.sbert.seed,
     max_seq_length: Annotated[int, typer.Option("--max-seq-length")] = _D.sbert.max_seq_length,
-    train_embeddings: Annotated[bool, typer.Option("--train-embeddings", help="Also update the word-embedding matrix (slow on CPU).")] = False,
-    freeze_layers: Annotated[int, typer.Option("--freeze-layers", help="Keep the lowest N transformer layers fixed.")] = _D.sbert.freeze_layers,
+    train_embeddings: Annotated[
+        bool, typer.Option("--train-embeddings", help="Also update the word-embedding matrix (slow on CPU).")
+    ] = False,
+    freeze_layers: Annotated[
+        int, typer.Option("--freeze-layers", help="Keep the lowest N transformer layers fixed.")
+    ] = _D.sbert.freeze_layers,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: models/sbert).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -163,8 +203,20 @@ def train_sbert_cmd(
     from .training.sbert import train_sbert
 
     config = SbertTrainConfig(
-        data=data, valid=valid, base=base, epochs=epochs, batch_size=batch_size, learning_rate=lr, loss=loss, seed=seed,
-        max_seq_length=max_seq_length, freeze_embeddings=not train_embeddings, freeze_layers=freeze_layers, resume=resume, out=out, progress=not quiet,
+        data=data,
+        valid=valid,
+        base=base,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=lr,
+        loss=loss,
+        seed=seed,
+        max_seq_length=max_seq_length,
+        freeze_embeddings=not train_embeddings,
+        freeze_layers=freeze_layers,
+        resume=resume,
+        out=out,
+        progress=not quiet,
     )
     result = train_sbert(config, _paths())
     typer.echo(
@@ -180,8 +232,12 @@ def train_sbert_cmd(
 @friendly
 def evaluate_retrieval_cmd(
     pairs: Annotated[Path, typer.Option("--pairs", help="Pairs CSV/Parquet to measure on (all rows are used).")],
-    model: Annotated[str | None, typer.Option("--model", help="Encoder to measure (default: models/sbert/ if trained).")] = None,
-    db: Annotated[Path | None, typer.Option("--db", help="DB to rank against (default: the entries of the pairs file).")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Encoder to measure (default: models/sbert/ if trained).")
+    ] = None,
+    db: Annotated[
+        Path | None, typer.Option("--db", help="DB to rank against (default: the entries of the pairs file).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Pair metrics (MSE, MAE, Pearson, Spearman), ranking (R@1, R@5, MRR@10) and the calibrated threshold:
@@ -213,17 +269,26 @@ def evaluate_retrieval_cmd(
 @app.command("train-llm")
 @friendly
 def train_llm_cmd(
-    data: Annotated[Path, typer.Option("--data", help="SFT CSV/Parquet: user_question, rag_retrieved_data, output_message.")] = _D.llm.data,
+    data: Annotated[
+        Path, typer.Option("--data", help="SFT CSV/Parquet: user_question, rag_retrieved_data, output_message.")
+    ] = _D.llm.data,
     valid: Annotated[Path | None, typer.Option("--valid", help="Validation rows (eval loss per epoch).")] = None,
-    base_llm: Annotated[str | None, typer.Option("--base-llm", help="Base LLM: folder, built-in alias or hub id (default: smollm2-135m-instruct).")] = None,
-    template: Annotated[str, typer.Option("--template", help="auto | chat | plain | seed (the original Korean format).")] = _D.llm.template,
+    base_llm: Annotated[
+        str | None,
+        typer.Option("--base-llm", help="Base LLM: folder, built-in alias or hub id (default: smollm2-135m-instruct)."),
+    ] = None,
+    template: Annotated[
+        str, typer.Option("--template", help="auto | chat | plain | seed (the original Korean format).")
+    ] = _D.llm.template,
     epochs: Annotated[int, typer.Option("--epochs")] = _D.llm.epochs,
     batch_size: Annotated[int, typer.Option("--batch-size")] = _D.llm.batch_size,
     lora_r: Annotated[int, typer.Option("--lora-r")] = _D.llm.lora_r,
     lora_alpha: Annotated[int, typer.Option("--lora-alpha")] = _D.llm.lora_alpha,
     lora_dropout: Annotated[float, typer.Option("--lora-dropout")] = _D.llm.lora_dropout,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = _D.llm.learning_rate,
-    max_length: Annotated[int, typer.Option("--max-length", help="Longest prompt + answer in tokens.")] = _D.llm.max_length,
+    max_length: Annotated[
+        int, typer.Option("--max-length", help="Longest prompt + answer in tokens.")
+    ] = _D.llm.max_length,
     seed: Annotated[int, typer.Option("--seed")] = _D.llm.seed,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
     merge: Annotated[bool, typer.Option("--merge", help="Also write the merged model into <out>/merged.")] = False,
@@ -235,23 +300,56 @@ def train_llm_cmd(
     from .training.llm import train_llm
 
     config = LlmTrainConfig(
-        data=data, valid=valid, base_llm=base_llm, template=template, epochs=epochs, batch_size=batch_size,
-        learning_rate=lr, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, max_length=max_length,
-        seed=seed, resume=resume, merge=merge, out=out, progress=not quiet,
+        data=data,
+        valid=valid,
+        base_llm=base_llm,
+        template=template,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=lr,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        max_length=max_length,
+        seed=seed,
+        resume=resume,
+        merge=merge,
+        out=out,
+        progress=not quiet,
     )
     r = train_llm(config, _paths())
     losses = f"train loss {r.train_loss:.3f}" if r.train_loss is not None else ""
     if r.eval_loss is not None:
         losses += f", eval loss {r.eval_loss:.3f}"
-    typer.echo(f"trained on {r.rows} rows ({r.steps} steps, {r.tokens_per_second:.0f} tokens/s, {r.seconds:.0f}s; {losses}) -> {r.out}")
+    typer.echo(
+        f"trained on {r.rows} rows ({r.steps} steps, {r.tokens_per_second:.0f} tokens/s, {r.seconds:.0f}s; {losses}) -> {r.out}"
+    )
 
 
-def _ask_config(top_k: int, threshold: float | None, max_new_tokens: int, temperature: float, seed: int,
-                base_llm: str | None, adapter: Path | None, no_adapter: bool = False, no_guard: bool = False) -> Any:
+def _ask_config(
+    top_k: int,
+    threshold: float | None,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    base_llm: str | None,
+    adapter: Path | None,
+    no_adapter: bool = False,
+    no_guard: bool = False,
+) -> Any:
     from .config import AskConfig
 
-    return AskConfig(top_k=top_k, threshold=threshold, max_new_tokens=max_new_tokens, temperature=temperature,
-                     seed=seed, base_llm=base_llm, adapter=adapter, use_adapter=not no_adapter, guard=not no_guard)
+    return AskConfig(
+        top_k=top_k,
+        threshold=threshold,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        base_llm=base_llm,
+        adapter=adapter,
+        use_adapter=not no_adapter,
+        guard=not no_guard,
+    )
 
 
 def _print_answer(answer: Any, streamed: bool) -> None:
@@ -265,14 +363,22 @@ def _print_answer(answer: Any, streamed: bool) -> None:
 
 
 _TopK = Annotated[int, typer.Option("--top-k", "-k", help="Entries to retrieve.")]
-_Threshold = Annotated[float | None, typer.Option("--threshold", help="Cosine below which the prompt says no information was found.")]
+_Threshold = Annotated[
+    float | None, typer.Option("--threshold", help="Cosine below which the prompt says no information was found.")
+]
 _MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Longest answer in tokens.")]
 _Temp = Annotated[float, typer.Option("--temperature", help="0 = greedy (reproducible); above 0 samples.")]
 _Seed = Annotated[int, typer.Option("--seed", help="Seed for sampling.")]
-_BaseLLM = Annotated[str | None, typer.Option("--base-llm", help="Base LLM (default: the adapter's, else smollm2-135m-instruct).")]
+_BaseLLM = Annotated[
+    str | None, typer.Option("--base-llm", help="Base LLM (default: the adapter's, else smollm2-135m-instruct).")
+]
 _Adapter = Annotated[Path | None, typer.Option("--adapter", help="LoRA adapter folder (default: models/llm).")]
-_NoAdapter = Annotated[bool, typer.Option("--no-adapter", help="Answer with the base model even if an adapter is trained.")]
-_NoGuard = Annotated[bool, typer.Option("--no-guard", help="Keep the model's reply even when nothing matched and it did not decline.")]
+_NoAdapter = Annotated[
+    bool, typer.Option("--no-adapter", help="Answer with the base model even if an adapter is trained.")
+]
+_NoGuard = Annotated[
+    bool, typer.Option("--no-guard", help="Keep the model's reply even when nothing matched and it did not decline.")
+]
 
 
 @app.command("ask")
@@ -280,10 +386,14 @@ _NoGuard = Annotated[bool, typer.Option("--no-guard", help="Keep the model's rep
 def ask_cmd(
     question: Annotated[str | None, typer.Argument(help="The question (or use --file).")] = None,
     file: Annotated[Path | None, typer.Option("--file", help="Batch: one question per line.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Batch: write one JSON object per line here (default: stdout).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Batch: write one JSON object per line here (default: stdout).")
+    ] = None,
     top_k: _TopK = _D.ask.top_k,
     threshold: _Threshold = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: answer, sources, scores, timings.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object: answer, sources, scores, timings.")
+    ] = False,
     stream: Annotated[bool, typer.Option("--stream", help="Print the answer as it is generated.")] = False,
     max_new_tokens: _MaxNew = _D.ask.max_new_tokens,
     temperature: _Temp = _D.ask.temperature,
@@ -381,8 +491,12 @@ def chat_cmd(
 @app.command("evaluate-answers")
 @friendly
 def evaluate_answers_cmd(
-    data: Annotated[Path, typer.Option("--data", help="SFT dev file: user_question, rag_retrieved_data, output_message.")] = Path("data/sft_dev.csv"),
-    full_pipeline: Annotated[bool, typer.Option("--full-pipeline", help="Start from the question alone (retrieval + threshold included).")] = False,
+    data: Annotated[
+        Path, typer.Option("--data", help="SFT dev file: user_question, rag_retrieved_data, output_message.")
+    ] = Path("data/sft_dev.csv"),
+    full_pipeline: Annotated[
+        bool, typer.Option("--full-pipeline", help="Start from the question alone (retrieval + threshold included).")
+    ] = False,
     limit: Annotated[int | None, typer.Option("--limit", help="Only the first N rows.")] = None,
     top_k: _TopK = _D.ask.top_k,
     threshold: _Threshold = None,
@@ -423,11 +537,18 @@ def evaluate_answers_cmd(
 
     metrics = evaluate_answers(generate, rows, retrieve)
     if as_json:
-        typer.echo(json.dumps({"model": choice.adapter and str(choice.adapter) or choice.base.reference, **metrics.to_dict()}, ensure_ascii=False))
+        typer.echo(
+            json.dumps(
+                {"model": choice.adapter and str(choice.adapter) or choice.base.reference, **metrics.to_dict()},
+                ensure_ascii=False,
+            )
+        )
         return
     model = f"{choice.base.reference} + {choice.adapter}" if choice.adapter else f"{choice.base.reference} (no adapter)"
-    typer.echo(f"{model} on {rows.path} ({metrics.rows} rows, {metrics.no_info_rows} without information; "
-               f"{'full pipeline' if full_pipeline else 'gold entries'})")
+    typer.echo(
+        f"{model} on {rows.path} ({metrics.rows} rows, {metrics.no_info_rows} without information; "
+        f"{'full pipeline' if full_pipeline else 'gold entries'})"
+    )
     typer.echo(f"  abstention accuracy  {metrics.abstention_accuracy:.3f}")
     typer.echo(f"  false abstention     {metrics.false_abstention:.3f}")
     typer.echo(f"  grounding            {metrics.grounding:.3f}")

@@ -32,7 +32,9 @@ class Paths:
         raw = home if home is not None else os.environ.get(HOME_ENV) or "."
         path = Path(raw).expanduser()
         if path.exists() and not path.is_dir():
-            raise UsageError(f"--home {raw}: not a folder — give a folder that holds (or will hold) data/, index/, models/")
+            raise UsageError(
+                f"--home {raw}: not a folder — give a folder that holds (or will hold) data/, index/, models/"
+            )
         return cls(path.resolve())
 
     @property

@@ -41,7 +41,11 @@ class ConceptDB:
         """The entries as a pyarrow table: position, id, text, then the metadata columns."""
         import pyarrow as pa
 
-        columns: dict[str, Any] = {"position": pa.array(range(len(self)), pa.int64()), "id": self.ids, "text": self.texts}
+        columns: dict[str, Any] = {
+            "position": pa.array(range(len(self)), pa.int64()),
+            "id": self.ids,
+            "text": self.texts,
+        }
         for name, values in self.metadata.items():
             columns[name] = values
         return pa.table(columns)
@@ -59,7 +63,11 @@ def _decode(path: Path) -> str:
 
 
 def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip())
+    return (
+        value is None
+        or (isinstance(value, float) and math.isnan(value))
+        or (isinstance(value, str) and not value.strip())
+    )
 
 
 def read_table(path: Path, what: str) -> dict[str, list[Any]]:
@@ -114,7 +122,9 @@ def load_concepts(path: str | Path) -> ConceptDB:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataFormatError(f"concept DB {path} not found — pass --db FILE or run from the project folder (or set --home)")
+        raise DataFormatError(
+            f"concept DB {path} not found — pass --db FILE or run from the project folder (or set --home)"
+        )
     if path.suffix.lower() == ".txt":
         text = _decode(path)
         lines = text.splitlines()
@@ -133,7 +143,9 @@ def load_concepts(path: str | Path) -> ConceptDB:
     columns = read_table(path, "concept DB")
     if "text" not in columns:
         found = ", ".join(columns) or "none"
-        raise DataFormatError(f"{path}: no 'text' column (columns found: {found}) — name the column that holds the entries 'text'")
+        raise DataFormatError(
+            f"{path}: no 'text' column (columns found: {found}) — name the column that holds the entries 'text'"
+        )
     values = columns.pop("text")
     if not values:
         raise DataFormatError(f"{path} has no data rows — add at least one entry")
@@ -141,19 +153,25 @@ def load_concepts(path: str | Path) -> ConceptDB:
         if _missing(value):
             raise DataFormatError(f"{path}: row {number}, column 'text' is empty — fill it in or delete the row")
         if not isinstance(value, str):
-            raise DataFormatError(f"{path}: row {number}, column 'text' is {type(value).__name__}, not text — store the entries as strings")
+            raise DataFormatError(
+                f"{path}: row {number}, column 'text' is {type(value).__name__}, not text — store the entries as strings"
+            )
     texts = [v.strip() for v in values]
     _check_duplicates(path, texts, "row")
     if "id" in columns:
         raw_ids = columns.pop("id")
         for number, value in enumerate(raw_ids, start=1):
             if _missing(value):
-                raise DataFormatError(f"{path}: row {number}, column 'id' is empty — give every row an id or drop the column")
+                raise DataFormatError(
+                    f"{path}: row {number}, column 'id' is empty — give every row an id or drop the column"
+                )
         ids = [str(v).strip() for v in raw_ids]
         _check_duplicates(path, ids, "row", column="id")
     else:
         ids = [str(i) for i in range(len(texts))]
-    metadata = {name: [None if _missing(v) else v for v in vals] for name, vals in columns.items() if name != "position"}
+    metadata = {
+        name: [None if _missing(v) else v for v in vals] for name, vals in columns.items() if name != "position"
+    }
     return ConceptDB(path, ids, texts, metadata)
 
 
@@ -191,7 +209,12 @@ class Pairs:
         return digest.hexdigest()[:16]
 
     def subset(self, rows: Sequence[int]) -> Pairs:
-        return Pairs(self.path, [self.questions[i] for i in rows], [self.entries[i] for i in rows], [self.scores[i] for i in rows])
+        return Pairs(
+            self.path,
+            [self.questions[i] for i in rows],
+            [self.entries[i] for i in rows],
+            [self.scores[i] for i in rows],
+        )
 
 
 def _require_columns(path: Path, columns: dict[str, list[Any]], needed: Sequence[str], what: str) -> None:
@@ -211,7 +234,9 @@ def _selected_rows(path: Path, columns: dict[str, list[Any]], split: str | None)
     rows = [i for i, v in enumerate(columns["data_type"]) if str(v).strip() == split]
     if not rows:
         kinds = sorted({str(v) for v in columns["data_type"]})
-        raise DataFormatError(f"{path}: no rows with data_type '{split}' (found: {', '.join(kinds)}) — mark the rows to use as '{split}'")
+        raise DataFormatError(
+            f"{path}: no rows with data_type '{split}' (found: {', '.join(kinds)}) — mark the rows to use as '{split}'"
+        )
     return rows
 
 
@@ -238,9 +263,13 @@ def load_pairs(path: str | Path, split: str | None = "train") -> Pairs:
         try:
             score = float(s)
         except (TypeError, ValueError):
-            raise DataFormatError(f"{path}: row {number}, column 'similarity_score' is {s!r}, not a number — use a value in [-1, 1]") from None
+            raise DataFormatError(
+                f"{path}: row {number}, column 'similarity_score' is {s!r}, not a number — use a value in [-1, 1]"
+            ) from None
         if not -1.0 <= score <= 1.0:
-            raise DataFormatError(f"{path}: row {number}, column 'similarity_score' is {score}, outside [-1, 1] — scores are cosine targets")
+            raise DataFormatError(
+                f"{path}: row {number}, column 'similarity_score' is {score}, outside [-1, 1] — scores are cosine targets"
+            )
         questions.append(str(q).strip())
         entries.append(str(e).strip())
         scores.append(score)

@@ -62,8 +62,12 @@ class Encoder:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         vectors = self.model.encode(
-            list(texts), prompt_name=self._prompt(kind), batch_size=batch_size, normalize_embeddings=True,
-            convert_to_numpy=True, show_progress_bar=progress,
+            list(texts),
+            prompt_name=self._prompt(kind),
+            batch_size=batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=progress,
         )
         return np.ascontiguousarray(vectors, dtype=np.float32)  # (n, dim)
 

@@ -32,8 +32,12 @@ class Answer:
             "question": self.question,
             "answer": self.answer,
             "matched": self.used is not None,
-            "source": {"id": self.used.id, "text": self.used.text, "score": round(self.used.score, 6)} if self.used else None,
-            "sources": [{"id": h.id, "score": round(h.score, 6), "matched": h.matched, "text": h.text} for h in self.sources],
+            "source": {"id": self.used.id, "text": self.used.text, "score": round(self.used.score, 6)}
+            if self.used
+            else None,
+            "sources": [
+                {"id": h.id, "score": round(h.score, 6), "matched": h.matched, "text": h.text} for h in self.sources
+            ],
             "scores": [round(h.score, 6) for h in self.sources],
             "threshold": self.threshold,
             "new_tokens": self.new_tokens,
@@ -45,7 +49,9 @@ class Answer:
 class QueryEngine:
     """Retrieve, apply the threshold, build the prompt, generate. Models are loaded once and reused."""
 
-    def __init__(self, retriever: Retriever, generator: Generator, config: AskConfig, load_seconds: float = 0.0) -> None:
+    def __init__(
+        self, retriever: Retriever, generator: Generator, config: AskConfig, load_seconds: float = 0.0
+    ) -> None:
         self.retriever = retriever
         self.generator = generator
         self.config = config

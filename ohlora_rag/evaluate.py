@@ -65,8 +65,11 @@ def pair_metrics(predicted: Sequence[float] | np.ndarray, target: Sequence[float
     t = np.asarray(target, dtype=np.float64)
     err = p - t
     return PairMetrics(
-        mse=float(np.mean(err**2)), mae=float(np.mean(np.abs(err))),
-        pearson=_correlation(p, t), spearman=_correlation(_ranks(p), _ranks(t)), pairs=len(p),
+        mse=float(np.mean(err**2)),
+        mae=float(np.mean(np.abs(err))),
+        pearson=_correlation(p, t),
+        spearman=_correlation(_ranks(p), _ranks(t)),
+        pairs=len(p),
     )
 
 
@@ -132,12 +135,17 @@ def calibrate(right: Sequence[float], wrong: Sequence[float], unanswerable: Sequ
         threshold=round(threshold, 4),
         precision=answered_right / answered if answered else float("nan"),
         recall=answered_right / len(right_a) if len(right_a) else float("nan"),
-        coverage=float((right_a >= threshold).sum() + (wrong_a >= threshold).sum()) / answerable if answerable else float("nan"),
-        answerable=answerable, unanswerable=len(none_a),
+        coverage=float((right_a >= threshold).sum() + (wrong_a >= threshold).sum()) / answerable
+        if answerable
+        else float("nan"),
+        answerable=answerable,
+        unanswerable=len(none_a),
     )
 
 
-def evaluate_retrieval(encoder: Encoder, pairs: Pairs, db_texts: Sequence[str] | None = None, batch_size: int = 64) -> RetrievalReport:
+def evaluate_retrieval(
+    encoder: Encoder, pairs: Pairs, db_texts: Sequence[str] | None = None, batch_size: int = 64
+) -> RetrievalReport:
     """Pair metrics on `pairs`; ranking metrics and a threshold calibration over `db_texts`.
 
     Args:
@@ -173,7 +181,9 @@ def evaluate_retrieval(encoder: Encoder, pairs: Pairs, db_texts: Sequence[str] |
     k = min(len(db), 10 + max((len(p) for p in related.values()), default=0))
     scores, found = index.search(q_vecs, k)  # (nq, k)
     ranks: list[int | None] = []
-    right, wrong, unanswerable = [], [], []
+    right: list[float] = []
+    wrong: list[float] = []
+    unanswerable: list[float] = []
     for q in questions:
         row_scores, row_found = scores[q_row[q]].tolist(), found[q_row[q]].tolist()
         pos = positives[q]
@@ -196,11 +206,87 @@ def evaluate_retrieval(encoder: Encoder, pairs: Pairs, db_texts: Sequence[str] |
 _ABSTAIN_PHRASES = (
     "no matching information",
     # the original Korean data's ways of declining: "can't find", "no information", "don't know", "look it up in ..."
-    "찾을 수 없", "정보가 없", "모르겠", "알 수 없", "찾아보", "뭐였더라", "내용만 가지고",
+    "찾을 수 없",
+    "정보가 없",
+    "모르겠",
+    "알 수 없",
+    "찾아보",
+    "뭐였더라",
+    "내용만 가지고",
 )
 _NEGATIONS = ("n't", " not ", "nothing", "outside", " no ", "only cover", "never")
 _STOPWORDS = frozenset(
-    ["about", "above", "after", "again", "against", "because", "before", "being", "below", "between", "both", "could", "does", "doing", "during", "each", "from", "further", "having", "here", "into", "itself", "more", "most", "other", "over", "same", "should", "some", "such", "than", "that", "their", "them", "then", "there", "these", "they", "this", "those", "through", "under", "until", "very", "what", "when", "where", "which", "while", "with", "would", "your", "using", "used", "uses", "makes", "make", "often", "usually", "like", "only", "also", "just", "the", "and", "for", "are", "its", "vs"]
+    [
+        "about",
+        "above",
+        "after",
+        "again",
+        "against",
+        "because",
+        "before",
+        "being",
+        "below",
+        "between",
+        "both",
+        "could",
+        "does",
+        "doing",
+        "during",
+        "each",
+        "from",
+        "further",
+        "having",
+        "here",
+        "into",
+        "itself",
+        "more",
+        "most",
+        "other",
+        "over",
+        "same",
+        "should",
+        "some",
+        "such",
+        "than",
+        "that",
+        "their",
+        "them",
+        "then",
+        "there",
+        "these",
+        "they",
+        "this",
+        "those",
+        "through",
+        "under",
+        "until",
+        "very",
+        "what",
+        "when",
+        "where",
+        "which",
+        "while",
+        "with",
+        "would",
+        "your",
+        "using",
+        "used",
+        "uses",
+        "makes",
+        "make",
+        "often",
+        "usually",
+        "like",
+        "only",
+        "also",
+        "just",
+        "the",
+        "and",
+        "for",
+        "are",
+        "its",
+        "vs",
+    ]
 )
 
 
@@ -216,7 +302,11 @@ def is_abstention(answer: str) -> bool:
     for sentence in re.split(r"[.!?]", text):
         padded = f" {sentence} "
         first_person = re.search(r"\b(i|i'm|i'd|i've|my|me)\b", padded)
-        if first_person and re.search(r"\b(notes?|information|info)\b", padded) and any(n in padded for n in _NEGATIONS):
+        if (
+            first_person
+            and re.search(r"\b(notes?|information|info)\b", padded)
+            and any(n in padded for n in _NEGATIONS)
+        ):
             return True
     return False
 
@@ -333,5 +423,8 @@ def evaluate_answers(
         grounding=grounded / with_entry if with_entry else float("nan"),
         rouge_l=rouge_sum / n if n else float("nan"),
         retrieval_agreement=agree / n if retrieve and n else None,
-        rows=n, no_info_rows=abstain_n, seconds_per_answer=(time.perf_counter() - start) / max(n, 1), examples=kept,
+        rows=n,
+        no_info_rows=abstain_n,
+        seconds_per_answer=(time.perf_counter() - start) / max(n, 1),
+        examples=kept,
     )

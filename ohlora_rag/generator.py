@@ -38,17 +38,25 @@ class LLMChoice:
 
 
 def choose_llm(
-    base_llm: str | None, adapter: str | Path | None, paths: Paths, template: str | None = None, use_adapter: bool = True
+    base_llm: str | None,
+    adapter: str | Path | None,
+    paths: Paths,
+    template: str | None = None,
+    use_adapter: bool = True,
 ) -> LLMChoice:
     """The trained adapter under models/llm/ (with the base and template it was trained with) when present;
     else the base model alone, with a notice. An explicit `base_llm` must match the adapter's base."""
     if not use_adapter:
         base = resolve(base_llm or DEFAULT_LLM, "llm", paths)
-        return LLMChoice(base, None, template or "auto", f"--no-adapter: answering with the base model {base.reference}")
+        return LLMChoice(
+            base, None, template or "auto", f"--no-adapter: answering with the base model {base.reference}"
+        )
     adapter_dir = Path(adapter) if adapter else paths.llm_dir
     if not (adapter_dir / "adapter_config.json").is_file():
         if adapter:
-            raise ModelNotFoundError(f"--adapter {adapter}: no LoRA adapter there (adapter_config.json) — run `ohlora-rag train-llm`")
+            raise ModelNotFoundError(
+                f"--adapter {adapter}: no LoRA adapter there (adapter_config.json) — run `ohlora-rag train-llm`"
+            )
         base = resolve(base_llm or DEFAULT_LLM, "llm", paths)
         notice = f"no trained adapter in {adapter_dir} — answering with the base model {base.reference} (run `ohlora-rag train-llm`)"
         return LLMChoice(base, None, template or "auto", notice)
@@ -97,7 +105,11 @@ class Generator:
         self.prompts = PromptBuilder.create(self.tokenizer, choice.template)
 
     def generate(
-        self, prompt: str, max_new_tokens: int = 160, temperature: float = 0.0, seed: int | None = None,
+        self,
+        prompt: str,
+        max_new_tokens: int = 160,
+        temperature: float = 0.0,
+        seed: int | None = None,
         on_text: Callable[[str], None] | None = None,
     ) -> Generation:
         """Continue `prompt` until EOS (or a template stop string, or `max_new_tokens`).
@@ -114,8 +126,11 @@ class Generator:
 
         ids = torch.tensor([encode_prompt(self.tokenizer, prompt)], device=self.device)
         kwargs: dict[str, Any] = {
-            "input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": max_new_tokens,
-            "eos_token_id": self.tokenizer.eos_token_id, "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "max_new_tokens": max_new_tokens,
+            "eos_token_id": self.tokenizer.eos_token_id,
+            "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
             "do_sample": temperature > 0,
         }
         if temperature > 0:

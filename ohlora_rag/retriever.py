@@ -43,7 +43,7 @@ class SearchResult:
 
 def check_question(question: str) -> str:
     if not isinstance(question, str) or not question.strip():
-        raise UsageError("the question is empty — ask something, e.g. ohlora-rag search \"What is cosine similarity?\"")
+        raise UsageError('the question is empty — ask something, e.g. ohlora-rag search "What is cosine similarity?"')
     return question.strip()
 
 
@@ -97,7 +97,10 @@ class Retriever:
                 entry = self.stored.entry(position)
                 hits.append(
                     Hit(
-                        position=position, id=str(entry.pop("id")), text=entry.pop("text"), score=float(score),
+                        position=position,
+                        id=str(entry.pop("id")),
+                        text=entry.pop("text"),
+                        score=float(score),
                         matched=score >= self.threshold,
                         metadata={k: v for k, v in entry.items() if k != "position" and v is not None},
                     )

@@ -15,7 +15,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "ohlora-data"
 
 CONCEPTS = [
-    ("cosine-similarity", "cosine similarity", "cosine similarity : the angle between two vectors | key idea: direction not length"),
+    (
+        "cosine-similarity",
+        "cosine similarity",
+        "cosine similarity : the angle between two vectors | key idea: direction not length",
+    ),
     ("precision", "precision", "precision : true positives over predicted positives | key idea: few false alarms"),
     ("recall", "recall", "recall : true positives over actual positives | key idea: few misses"),
     ("dropout", "dropout", "dropout : randomly zeroes units during training | key idea: regularisation"),
@@ -49,16 +53,28 @@ def make_tiny_sbert(folder: Path, seed: int = 0) -> Path:
     )
     hf_dir = folder / "hf"
     PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", model_max_length=64
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        model_max_length=64,
     ).save_pretrained(hf_dir)
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=64, pad_token_id=0,
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        pad_token_id=0,
     )
     BertModel(config).save_pretrained(hf_dir)
     transformer = st_models.Transformer(str(hf_dir), max_seq_length=64)
-    model = SentenceTransformer(modules=[transformer, st_models.Pooling(16, "mean"), st_models.Normalize()], device="cpu")
+    model = SentenceTransformer(
+        modules=[transformer, st_models.Pooling(16, "mean"), st_models.Normalize()], device="cpu"
+    )
     out = folder / "sbert"
     model.save(str(out))
     shutil.rmtree(hf_dir)
@@ -127,7 +143,19 @@ def make_tiny_lm(folder: Path, seed: int = 0) -> Path:
     from ohlora_rag.prompt import NO_INFO, PERSONA
 
     words = set(_vocabulary()) | set(PERSONA.lower().split()) | set(NO_INFO.lower().split())
-    words |= {"information", "question", "system", "user", "assistant", "great", "sorry", "notes", "cover", "that", "it"}
+    words |= {
+        "information",
+        "question",
+        "system",
+        "user",
+        "assistant",
+        "great",
+        "sorry",
+        "notes",
+        "cover",
+        "that",
+        "it",
+    }
     specials = ["[UNK]", "<|im_start|>", "<|im_end|>", "<pad>"]
     vocab = {w: i for i, w in enumerate(specials + sorted(w for w in words if w not in specials))}
     tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
@@ -135,7 +163,11 @@ def make_tiny_lm(folder: Path, seed: int = 0) -> Path:
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token="<pad>",
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        pad_token="<pad>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -143,9 +175,17 @@ def make_tiny_lm(folder: Path, seed: int = 0) -> Path:
     fast.save_pretrained(out)
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=512, bos_token_id=vocab["<|im_start|>"],
-        eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<pad>"], tie_word_embeddings=True,
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        bos_token_id=vocab["<|im_start|>"],
+        eos_token_id=vocab["<|im_end|>"],
+        pad_token_id=vocab["<pad>"],
+        tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)

@@ -28,8 +28,14 @@ class ScriptedGenerator:
         self.choice = choice
         self.prompts = PromptBuilder.create(AutoTokenizer.from_pretrained(choice.base.path), choice.template)
 
-    def generate(self, prompt: str, max_new_tokens: int = 160, temperature: float = 0.0, seed: int | None = None,
-                 on_text: Any = None) -> Generation:
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 160,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        on_text: Any = None,
+    ) -> Generation:
         ScriptedGenerator.prompts_seen.append(prompt)
         text = "I have no notes on that." if NO_INFO in prompt else "Precision counts false alarms."
         if on_text:
@@ -147,19 +153,35 @@ def test_no_adapter_answers_with_the_base_model(scripted: Path, home: Path, tmp_
 class InventingGenerator(ScriptedGenerator):
     """A model that answers everything, even without information."""
 
-    def generate(self, prompt: str, max_new_tokens: int = 160, temperature: float = 0.0, seed: int | None = None,
-                 on_text: Any = None) -> Generation:
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 160,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        on_text: Any = None,
+    ) -> Generation:
         ScriptedGenerator.prompts_seen.append(prompt)
         return Generation("The president of France is someone I made up.", 9, 0.01)
 
 
-def test_guard_replaces_an_invented_answer_when_nothing_matched(scripted: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_guard_replaces_an_invented_answer_when_nothing_matched(
+    scripted: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from ohlora_rag.prompt import DECLINE
 
     monkeypatch.setattr(engine_module, "Generator", InventingGenerator)
-    declined = json.loads(runner.invoke(app, ["ask", "who leads france", "--threshold", "1.0", "--json", "--base-llm", str(scripted)]).stdout)
+    declined = json.loads(
+        runner.invoke(
+            app, ["ask", "who leads france", "--threshold", "1.0", "--json", "--base-llm", str(scripted)]
+        ).stdout
+    )
     assert declined["answer"] == DECLINE and declined["guarded"] is True
-    kept = json.loads(runner.invoke(app, ["ask", "who leads france", "--threshold", "1.0", "--json", "--no-guard", "--base-llm", str(scripted)]).stdout)
+    kept = json.loads(
+        runner.invoke(
+            app, ["ask", "who leads france", "--threshold", "1.0", "--json", "--no-guard", "--base-llm", str(scripted)]
+        ).stdout
+    )
     assert kept["answer"].startswith("The president of France") and kept["guarded"] is False
     matched = json.loads(runner.invoke(app, ["ask", PRECISION, "--json", "--base-llm", str(scripted)]).stdout)
     assert matched["guarded"] is False  # with an entry in the prompt the model's answer stands

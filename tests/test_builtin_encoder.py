@@ -87,7 +87,9 @@ def test_interrupted_conversion_leaves_no_model(tmp_path: Path, monkeypatch: pyt
 
     monkeypatch.setattr(importer, "convert", broken)
     paths = Paths(tmp_path)
-    with pytest.raises(ModelImportError, match="converting built-in model 'multilingual-e5-small' .* failed: disk full"):
+    with pytest.raises(
+        ModelImportError, match="converting built-in model 'multilingual-e5-small' .* failed: disk full"
+    ):
         resolve("multilingual-e5-small", "encoder", paths)
     assert not (paths.base_models_dir / "multilingual-e5-small").exists()
     assert not list(paths.base_models_dir.iterdir())

@@ -117,8 +117,14 @@ def test_help_is_fast_and_lists_commands() -> None:
     for command in ("build-index", "search"):
         assert command in proc.stdout
     heavy = subprocess.run(
-        [sys.executable, "-c", "import sys, ohlora_rag.cli; print(sorted(m for m in ('torch','faiss','transformers','sentence_transformers') if m in sys.modules))"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, ohlora_rag.cli; print(sorted(m for m in ('torch','faiss','transformers','sentence_transformers') if m in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert heavy.stdout.strip() == "[]"  # lazy imports: --help loads none of the heavy libraries
     assert elapsed < 10  # generous; the real number is measured in bench/llm.py

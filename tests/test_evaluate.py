@@ -67,6 +67,8 @@ def test_abstention_and_grounding() -> None:
     assert not is_grounded("It measures the angle between vectors.", entry)  # never names the concept
     assert not is_grounded("Cosine similarity is great.", entry)  # names it, says nothing from the entry
     assert is_abstention("That is outside what my notes cover, so I won't guess.")
-    assert not is_abstention("My notes say dropout zeroes units; it is not a loss function.".replace("; it is", ". It is"))
+    assert not is_abstention(
+        "My notes say dropout zeroes units; it is not a loss function.".replace("; it is", ". It is")
+    )
     assert is_abstention("I don't have any matching information about the 2030 World Cup.")
     assert is_abstention("미안 ㅠㅠ 그런 건 AI-study 레포에서 찾아보면 될 것 같아!")

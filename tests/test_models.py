@@ -19,7 +19,9 @@ def test_local_folder_resolves(tiny_sbert: Path, tmp_path: Path) -> None:
 
 def test_folder_without_model_files_is_refused(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelNotFoundError, match=re.escape(f"model folder {tmp_path / 'empty'} has no config.json or modules.json")):
+    with pytest.raises(
+        ModelNotFoundError, match=re.escape(f"model folder {tmp_path / 'empty'} has no config.json or modules.json")
+    ):
         resolve(str(tmp_path / "empty"), "encoder", Paths(tmp_path))
 
 

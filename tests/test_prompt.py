@@ -20,7 +20,9 @@ def test_chat_template_holds_persona_entry_and_question(tokenizer) -> None:  # n
     b = PromptBuilder.create(tokenizer)
     assert b.template == "chat"
     p = b.prompt("what is recall?", "recall : misses")
-    assert p.startswith(f"<|im_start|>system\n{PERSONA}<|im_end|>\n<|im_start|>user\nInformation: recall : misses\n\nQuestion: what is recall?")
+    assert p.startswith(
+        f"<|im_start|>system\n{PERSONA}<|im_end|>\n<|im_start|>user\nInformation: recall : misses\n\nQuestion: what is recall?"
+    )
     assert p.endswith("<|im_start|>assistant\n")
     assert f"Information: {NO_INFO}" in b.prompt("who won?", None)
     assert b.prompt("who won?", SEED_NO_INFO) == b.prompt("who won?", "") == b.prompt("who won?", None)
@@ -29,7 +31,10 @@ def test_chat_template_holds_persona_entry_and_question(tokenizer) -> None:  # n
 
 def test_seed_template_is_the_original_format(tokenizer) -> None:  # noqa: ANN001
     b = PromptBuilder.create(tokenizer, "seed")
-    assert b.prompt("코사인 유사도가 뭐야?", "cos : x") == "(제공된 정보) cos : x (사용자 질문) 코사인 유사도가 뭐야? (답변 시작) ### 답변:"
+    assert (
+        b.prompt("코사인 유사도가 뭐야?", "cos : x")
+        == "(제공된 정보) cos : x (사용자 질문) 코사인 유사도가 뭐야? (답변 시작) ### 답변:"
+    )
     assert b.prompt("q", None) == f"(제공된 정보) {SEED_NO_INFO} (사용자 질문) q (답변 시작) ### 답변:"
     assert b.completion("답") == " 답 (답변 종료)<|im_end|>"
     assert b.clean(" 답 (답변 종료) trailing") == "답"

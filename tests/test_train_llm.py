@@ -19,7 +19,9 @@ from tests.conftest import write_sft
 
 def _config(tmp_path: Path, tiny_lm: Path, **kw: object) -> LlmTrainConfig:
     data = write_sft(tmp_path / "sft.csv")
-    base = dict(data=data, base_llm=str(tiny_lm), epochs=1, batch_size=2, out=tmp_path / "llm", progress=False, bf16=False)
+    base = dict(
+        data=data, base_llm=str(tiny_lm), epochs=1, batch_size=2, out=tmp_path / "llm", progress=False, bf16=False
+    )
     base.update(kw)
     return LlmTrainConfig(**base)  # type: ignore[arg-type]
 
@@ -59,11 +61,17 @@ def _tokenized(tmp_path: Path, tiny_lm: Path, template: str = "chat"):  # noqa: 
     tok = AutoTokenizer.from_pretrained(tiny_lm)
     rows = load_sft(write_sft(tmp_path / "sft.csv"))
     builder = PromptBuilder.create(tok, template)
-    args = SFTConfig(output_dir=str(tmp_path / "x"), completion_only_loss=True, max_length=None, report_to="none", use_cpu=True)
+    args = SFTConfig(
+        output_dir=str(tmp_path / "x"), completion_only_loss=True, max_length=None, report_to="none", use_cpu=True
+    )
     from transformers import AutoModelForCausalLM
 
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_lm), args=args,
-                         train_dataset=Dataset.from_dict(examples(rows, builder)), processing_class=tok)
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_lm),
+        args=args,
+        train_dataset=Dataset.from_dict(examples(rows, builder)),
+        processing_class=tok,
+    )
     return [dict(x) for x in trainer.train_dataset], rows, builder
 
 

@@ -20,7 +20,13 @@ from tests.conftest import CONCEPTS
 
 def write_pairs(path: Path) -> Path:
     rows = []
-    questions = {"what is precision ?": 1, "what is recall ?": 2, "what is dropout ?": 3, "what is lora ?": 4, "what is adam ?": 5}
+    questions = {
+        "what is precision ?": 1,
+        "what is recall ?": 2,
+        "what is dropout ?": 3,
+        "what is lora ?": 4,
+        "what is adam ?": 5,
+    }
     for q, right in questions.items():
         for i, (_, _, text) in enumerate(CONCEPTS):
             rows.append(("train", q, text, 1.0 if i == right else 0.5 if i == right - 1 else 0.0))
@@ -38,13 +44,22 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_two_steps_change_weights_and_write_files(tmp_path: Path, tiny_sbert: Path) -> None:
     data = write_pairs(tmp_path / "pairs.csv")  # 30 pairs; valid = 1 of 5 questions -> 24 train pairs
     config = SbertTrainConfig(
-        data=data, base=str(tiny_sbert), epochs=1, batch_size=12, freeze_layers=1, out=tmp_path / "sbert",
-        progress=False, bf16=False, loss="cosine",
+        data=data,
+        base=str(tiny_sbert),
+        epochs=1,
+        batch_size=12,
+        freeze_layers=1,
+        out=tmp_path / "sbert",
+        progress=False,
+        bf16=False,
+        loss="cosine",
     )
     report = train_sbert(config, Paths(tmp_path))
     assert report.steps == 2 and report.train_pairs == 24 and report.valid_pairs == 6
     out = tmp_path / "sbert"
-    assert {"modules.json", "config.json", "tokenizer.json", "ohlora_model.json", "1_Pooling"} <= {p.name for p in out.iterdir()}
+    assert {"modules.json", "config.json", "tokenizer.json", "ohlora_model.json", "1_Pooling"} <= {
+        p.name for p in out.iterdir()
+    }
     before, after = _weights(tiny_sbert), _weights(out)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert "encoder.layer.1.attention.self.query.weight" in changed
@@ -57,7 +72,16 @@ def test_two_steps_change_weights_and_write_files(tmp_path: Path, tiny_sbert: Pa
 
 def test_resume(tmp_path: Path, tiny_sbert: Path) -> None:
     data = write_pairs(tmp_path / "pairs.csv")
-    kw = dict(data=data, base=str(tiny_sbert), batch_size=12, out=tmp_path / "sbert", progress=False, bf16=False, freeze_layers=0, loss="cosine")
+    kw = dict(
+        data=data,
+        base=str(tiny_sbert),
+        batch_size=12,
+        out=tmp_path / "sbert",
+        progress=False,
+        bf16=False,
+        freeze_layers=0,
+        loss="cosine",
+    )
     train_sbert(SbertTrainConfig(epochs=1, **kw), Paths(tmp_path))  # type: ignore[arg-type]
     again = train_sbert(SbertTrainConfig(epochs=2, resume=True, **kw), Paths(tmp_path))  # type: ignore[arg-type]
     assert again.steps == 2  # the second epoch only
@@ -79,8 +103,14 @@ def test_split_keeps_questions_apart(tmp_path: Path) -> None:
     ("content", "message"),
     [
         ("user_question,rag_retrieved_data\nq,e\n", "missing column 'similarity_score'"),
-        ("user_question,rag_retrieved_data,similarity_score\nq,e,1.5\n", "row 1, column 'similarity_score' is 1.5, outside [-1, 1]"),
-        ("user_question,rag_retrieved_data,similarity_score\nq,e,high\n", "row 1, column 'similarity_score' is 'high', not a number"),
+        (
+            "user_question,rag_retrieved_data,similarity_score\nq,e,1.5\n",
+            "row 1, column 'similarity_score' is 1.5, outside [-1, 1]",
+        ),
+        (
+            "user_question,rag_retrieved_data,similarity_score\nq,e,high\n",
+            "row 1, column 'similarity_score' is 'high', not a number",
+        ),
         ("user_question,rag_retrieved_data,similarity_score\nq,,0.5\n", "row 1, column 'rag_retrieved_data' is empty"),
     ],
 )
@@ -113,8 +143,15 @@ def test_triplets_pair_each_right_entry_with_its_look_alikes(tmp_path: Path) -> 
 def test_hybrid_loss_trains(tmp_path: Path, tiny_sbert: Path) -> None:
     data = write_pairs(tmp_path / "pairs.csv")
     config = SbertTrainConfig(
-        data=data, base=str(tiny_sbert), epochs=1, batch_size=8, loss="hybrid", freeze_layers=0,
-        out=tmp_path / "sbert", progress=False, bf16=False,
+        data=data,
+        base=str(tiny_sbert),
+        epochs=1,
+        batch_size=8,
+        loss="hybrid",
+        freeze_layers=0,
+        out=tmp_path / "sbert",
+        progress=False,
+        bf16=False,
     )
     report = train_sbert(config, Paths(tmp_path))
     assert report.train_pairs == 24 + 4  # graded pairs + triplets of the 4 training questions

@@ -114,14 +114,22 @@ def read_packed(path: Path) -> PackedE5:
     if missing:
         raise ModelImportError(f"{path}: missing tensors {sorted(missing)[:5]}")
     header = dict(
-        hidden=hidden, layers=layers, heads=heads, ffn=ffn, vocab=vocab, max_pos=max_pos,
-        type_vocab=type_vocab, eps=eps,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        ffn=ffn,
+        vocab=vocab,
+        max_pos=max_pos,
+        type_vocab=type_vocab,
+        eps=eps,
     )
     specials = {"bos": bos, "eos": eos, "pad": pad, "unk": unk}
     return PackedE5(header, pieces, scores, specials, normalisation, tensors)
 
 
-def _tensor_shapes(hidden: int, layers: int, ffn: int, vocab: int, max_pos: int, type_vocab: int) -> dict[str, tuple[int, ...]]:
+def _tensor_shapes(
+    hidden: int, layers: int, ffn: int, vocab: int, max_pos: int, type_vocab: int
+) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {
         "emb.word": (vocab, hidden),
         "emb.pos": (max_pos, hidden),
@@ -131,19 +139,36 @@ def _tensor_shapes(hidden: int, layers: int, ffn: int, vocab: int, max_pos: int,
     }
     for i in range(layers):
         for name, shape in {
-            "q.w": (hidden, hidden), "k.w": (hidden, hidden), "v.w": (hidden, hidden), "ao.w": (hidden, hidden),
-            "fi.w": (ffn, hidden), "fo.w": (hidden, ffn),
-            "q.b": (hidden,), "k.b": (hidden,), "v.b": (hidden,), "ao.b": (hidden,), "fi.b": (ffn,), "fo.b": (hidden,),
-            "aln.w": (hidden,), "aln.b": (hidden,), "oln.w": (hidden,), "oln.b": (hidden,),
+            "q.w": (hidden, hidden),
+            "k.w": (hidden, hidden),
+            "v.w": (hidden, hidden),
+            "ao.w": (hidden, hidden),
+            "fi.w": (ffn, hidden),
+            "fo.w": (hidden, ffn),
+            "q.b": (hidden,),
+            "k.b": (hidden,),
+            "v.b": (hidden,),
+            "ao.b": (hidden,),
+            "fi.b": (ffn,),
+            "fo.b": (hidden,),
+            "aln.w": (hidden,),
+            "aln.b": (hidden,),
+            "oln.w": (hidden,),
+            "oln.b": (hidden,),
         }.items():
             shapes[f"l{i}.{name}"] = shape
     return shapes
 
 
 _LAYER_NAMES = {
-    "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
-    "ao": "attention.output.dense", "aln": "attention.output.LayerNorm",
-    "fi": "intermediate.dense", "fo": "output.dense", "oln": "output.LayerNorm",
+    "q": "attention.self.query",
+    "k": "attention.self.key",
+    "v": "attention.self.value",
+    "ao": "attention.output.dense",
+    "aln": "attention.output.LayerNorm",
+    "fi": "intermediate.dense",
+    "fo": "output.dense",
+    "oln": "output.LayerNorm",
 }
 
 
@@ -214,10 +239,17 @@ def convert(model_file: Path, out_dir: Path) -> None:
     packed = read_packed(model_file)
     h = packed.header
     config = BertConfig(
-        vocab_size=h["vocab"], hidden_size=h["hidden"], num_hidden_layers=h["layers"],
-        num_attention_heads=h["heads"], intermediate_size=h["ffn"], hidden_act="gelu",
-        max_position_embeddings=h["max_pos"], type_vocab_size=h["type_vocab"], layer_norm_eps=h["eps"],
-        pad_token_id=packed.specials["pad"], architectures=["BertModel"],
+        vocab_size=h["vocab"],
+        hidden_size=h["hidden"],
+        num_hidden_layers=h["layers"],
+        num_attention_heads=h["heads"],
+        intermediate_size=h["ffn"],
+        hidden_act="gelu",
+        max_position_embeddings=h["max_pos"],
+        type_vocab_size=h["type_vocab"],
+        layer_norm_eps=h["eps"],
+        pad_token_id=packed.specials["pad"],
+        architectures=["BertModel"],
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out_dir)
@@ -229,9 +261,14 @@ def convert(model_file: Path, out_dir: Path) -> None:
     # The generic fast class keeps tokenizer.json as written; XLMRobertaTokenizer would rebuild its own pipeline.
     fast = PreTrainedTokenizerFast(
         tokenizer_object=build_tokenizer(packed),
-        bos_token=pieces[sp["bos"]], eos_token=pieces[sp["eos"]], sep_token=pieces[sp["eos"]],
-        cls_token=pieces[sp["bos"]], unk_token=pieces[sp["unk"]], pad_token=pieces[sp["pad"]],
-        mask_token=mask, model_max_length=h["max_pos"],
+        bos_token=pieces[sp["bos"]],
+        eos_token=pieces[sp["eos"]],
+        sep_token=pieces[sp["eos"]],
+        cls_token=pieces[sp["bos"]],
+        unk_token=pieces[sp["unk"]],
+        pad_token=pieces[sp["pad"]],
+        mask_token=mask,
+        model_max_length=h["max_pos"],
     )
     fast.save_pretrained(out_dir)
 
@@ -251,7 +288,9 @@ def convert(model_file: Path, out_dir: Path) -> None:
             indent=2,
         )
     )
-    (out_dir / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": h["max_pos"], "do_lower_case": False}))
+    (out_dir / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": h["max_pos"], "do_lower_case": False})
+    )
     (out_dir / "config_sentence_transformers.json").write_text(
         json.dumps(
             {

@@ -87,7 +87,9 @@ def preflight(
         if not answer_ids or not tok.decode([t for t in answer_ids if t != eos]).strip():
             raise PreflightError(f"pre-flight: {where}: no answer tokens inside the loss mask — check output_message")
         if ids[-1] != eos or not mask[-1]:
-            raise PreflightError(f"pre-flight: {where}: the sequence does not end on EOS inside the loss mask — the model would not learn to stop")
+            raise PreflightError(
+                f"pre-flight: {where}: the sequence does not end on EOS inside the loss mask — the model would not learn to stop"
+            )
         if len(ids) > max_length:
             raise PreflightError(
                 f"pre-flight: {where}: prompt + answer is {len(ids)} tokens, over --max-length {max_length} — "
@@ -126,17 +128,37 @@ def train_llm(config: LlmTrainConfig, paths: Paths | None = None) -> LlmTrainRep
     builder = PromptBuilder.create(tokenizer, config.template)
     model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, local_files_only=True)
     lora = LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=LORA_TARGETS,
-        task_type="CAUSAL_LM", bias="none",
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=LORA_TARGETS,
+        task_type="CAUSAL_LM",
+        bias="none",
     )
     args = SFTConfig(
-        output_dir=str(checkpoints), num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size, learning_rate=config.learning_rate, lr_scheduler_type="linear",
-        **warmup(0.05), seed=config.seed, data_seed=config.seed, save_strategy="epoch", save_total_limit=1,
-        eval_strategy="epoch" if valid else "no", logging_strategy="epoch", report_to="none",
-        completion_only_loss=True, max_length=None, padding_free=False, disable_tqdm=not config.progress,
-        bf16=native_bf16() if config.bf16 is None else config.bf16, use_cpu=torch_device() == "cpu",
-        dataset_num_proc=None, eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token,
+        output_dir=str(checkpoints),
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="linear",
+        **warmup(0.05),
+        seed=config.seed,
+        data_seed=config.seed,
+        save_strategy="epoch",
+        save_total_limit=1,
+        eval_strategy="epoch" if valid else "no",
+        logging_strategy="epoch",
+        report_to="none",
+        completion_only_loss=True,
+        max_length=None,
+        padding_free=False,
+        disable_tqdm=not config.progress,
+        bf16=native_bf16() if config.bf16 is None else config.bf16,
+        use_cpu=torch_device() == "cpu",
+        dataset_num_proc=None,
+        eos_token=tokenizer.eos_token,
+        pad_token=tokenizer.pad_token,
     )
     steps = {"n": 0}
 
@@ -145,9 +167,13 @@ def train_llm(config: LlmTrainConfig, paths: Paths | None = None) -> LlmTrainRep
             steps["n"] += 1
 
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=Dataset.from_dict(examples(rows, builder)),
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict(examples(rows, builder)),
         eval_dataset=Dataset.from_dict(examples(valid, builder)) if valid else None,
-        processing_class=tokenizer, peft_config=lora, callbacks=[_Count()],
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[_Count()],
     )
     if not config.progress:
         quiet_trainer(trainer)
@@ -172,9 +198,19 @@ def train_llm(config: LlmTrainConfig, paths: Paths | None = None) -> LlmTrainRep
             trainer.model.merge_and_unload().save_pretrained(str(staging / "merged"))
             tokenizer.save_pretrained(str(staging / "merged"))
         write_manifest(
-            staging, kind="llm-adapter", reference=str(out), base=base.reference, base_fingerprint=base.fingerprint,
-            template=builder.template, data=str(config.data), data_hash=rows.content_hash, seed=config.seed,
-            rows=len(rows), loss_tokens=loss_tokens, train_loss=train_loss, eval_loss=eval_loss,
+            staging,
+            kind="llm-adapter",
+            reference=str(out),
+            base=base.reference,
+            base_fingerprint=base.fingerprint,
+            template=builder.template,
+            data=str(config.data),
+            data_hash=rows.content_hash,
+            seed=config.seed,
+            rows=len(rows),
+            loss_tokens=loss_tokens,
+            train_loss=train_loss,
+            eval_loss=eval_loss,
             config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         )
         swap_in(staging, out)

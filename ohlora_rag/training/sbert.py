@@ -36,7 +36,9 @@ def split_by_question(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, 
     random.Random(seed).shuffle(questions)
     n_valid = max(1, round(len(questions) * fraction))
     if n_valid >= len(questions):
-        raise DataFormatError(f"{pairs.path}: {len(questions)} distinct question(s) cannot be split into train and valid — add questions or pass --valid")
+        raise DataFormatError(
+            f"{pairs.path}: {len(questions)} distinct question(s) cannot be split into train and valid — add questions or pass --valid"
+        )
     held = set(questions[:n_valid])
     train_rows = [i for i, q in enumerate(pairs.questions) if q not in held]
     valid_rows = [i for i, q in enumerate(pairs.questions) if q in held]
@@ -109,7 +111,9 @@ def _training_data(pairs: Pairs, loss: str, model: Any) -> tuple[Any, Any]:
         return graded, losses.CoSENTLoss(model)
     keep = [i for i, s in enumerate(pairs.scores) if s >= 1.0]
     if loss == "mnrl":
-        positives = Dataset.from_dict({"anchor": [pairs.questions[i] for i in keep], "positive": [pairs.entries[i] for i in keep]})
+        positives = Dataset.from_dict(
+            {"anchor": [pairs.questions[i] for i in keep], "positive": [pairs.entries[i] for i in keep]}
+        )
         return positives, losses.MultipleNegativesRankingLoss(model)
     ranked = triplets(pairs)
     if not ranked["anchor"]:
@@ -179,11 +183,23 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
         eval_data = eval_data["graded"]
 
     args = SentenceTransformerTrainingArguments(
-        output_dir=str(checkpoints), num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=64, learning_rate=config.learning_rate, **warmup(config.warmup_ratio),
-        seed=config.seed, data_seed=config.seed, save_strategy="epoch", save_total_limit=1, eval_strategy="epoch",
-        logging_strategy="epoch", report_to="none", prompts=_prompts(model, config.loss), disable_tqdm=not config.progress,
-        dataloader_drop_last=False, use_cpu=not torch.cuda.is_available(),
+        output_dir=str(checkpoints),
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=64,
+        learning_rate=config.learning_rate,
+        **warmup(config.warmup_ratio),
+        seed=config.seed,
+        data_seed=config.seed,
+        save_strategy="epoch",
+        save_total_limit=1,
+        eval_strategy="epoch",
+        logging_strategy="epoch",
+        report_to="none",
+        prompts=_prompts(model, config.loss),
+        disable_tqdm=not config.progress,
+        dataloader_drop_last=False,
+        use_cpu=not torch.cuda.is_available(),
         bf16=native_bf16() if config.bf16 is None else config.bf16,
     )
     steps_done = {"n": 0}
@@ -193,7 +209,12 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
             steps_done["n"] += 1
 
     trainer = SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, loss=loss, callbacks=[_Count()],
+        model=model,
+        args=args,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        loss=loss,
+        callbacks=[_Count()],
     )
     if not config.progress:
         quiet_trainer(trainer)
@@ -206,12 +227,22 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
     shutil.rmtree(staging, ignore_errors=True)
     try:
         model.save(str(staging))
-        report = evaluate_retrieval(Encoder(ModelRef(str(out), staging)), valid, sorted(set(pairs.entries) | set(valid.entries)))
+        report = evaluate_retrieval(
+            Encoder(ModelRef(str(out), staging)), valid, sorted(set(pairs.entries) | set(valid.entries))
+        )
         threshold = report.calibration.threshold if report.calibration else None
         write_manifest(
-            staging, kind="encoder", reference=str(out), base=base.reference, base_fingerprint=base.fingerprint,
-            data=str(config.data), data_hash=pairs.content_hash, valid=str(config.valid) if config.valid else None,
-            seed=config.seed, threshold=threshold, metrics=report.to_dict(),
+            staging,
+            kind="encoder",
+            reference=str(out),
+            base=base.reference,
+            base_fingerprint=base.fingerprint,
+            data=str(config.data),
+            data_hash=pairs.content_hash,
+            valid=str(config.valid) if config.valid else None,
+            seed=config.seed,
+            threshold=threshold,
+            metrics=report.to_dict(),
             config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         )
         swap_in(staging, out)
@@ -219,6 +250,11 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
         shutil.rmtree(staging, ignore_errors=True)
     processed = min(steps_done["n"] * config.batch_size, rows * config.epochs)  # pairs seen in this run
     return SbertTrainReport(
-        out=out, steps=steps_done["n"], train_pairs=rows, valid_pairs=len(valid), seconds=seconds,
-        pairs_per_second=processed / seconds if seconds else float("nan"), report=report,
+        out=out,
+        steps=steps_done["n"],
+        train_pairs=rows,
+        valid_pairs=len(valid),
+        seconds=seconds,
+        pairs_per_second=processed / seconds if seconds else float("nan"),
+        report=report,
     )
