@@ -31,6 +31,9 @@ MANIFEST_FILE = "manifest.json"
 # - from this many queries up, the BLAS (sgemm) path beats the per-query scan; Faiss's own default threshold
 #   (128000 queries in this version) keeps 64 queries on the scan, ~4x slower than a matmul.
 _BLAS_FROM_QUERIES = 8
+# - one query over many rows: one thread cannot saturate memory bandwidth; a scan split into one slice per core
+#   (each slice single-threaded) reads at the all-core floor (44.7 ms vs 53.7 ms on 1 M x 384, 2 cores).
+SPLIT_FROM_ROWS = 65536
 
 
 @dataclass
@@ -81,6 +84,7 @@ class VectorIndex:
 
     def __init__(self, index: Any) -> None:
         self._gpu_resources: Any = None
+        self._pool: Any = None
         self.index = index
         if gpu_available():
             faiss = _faiss()
@@ -127,6 +131,8 @@ class VectorIndex:
             return self.index.search(queries, k)  # type: ignore[no-any-return]
         faiss = _faiss()
         threads, threshold = faiss.omp_get_max_threads(), faiss.cvar.distance_compute_blas_threshold
+        if len(queries) == 1 and threads > 1 and self.ntotal >= SPLIT_FROM_ROWS and hasattr(self.index, "get_xb"):
+            return self._split_scan(queries, k, threads)
         try:
             if len(queries) == 1:
                 faiss.omp_set_num_threads(1)
@@ -136,6 +142,28 @@ class VectorIndex:
         finally:
             faiss.omp_set_num_threads(threads)
             faiss.cvar.distance_compute_blas_threshold = threshold
+
+    def _split_scan(self, query: np.ndarray, k: int, parts: int) -> tuple[np.ndarray, np.ndarray]:
+        """One query, the rows cut into `parts` slices searched at once (one thread each), results merged."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        faiss = _faiss()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(parts, initializer=lambda: faiss.omp_set_num_threads(1))
+        rows = faiss.rev_swig_ptr(self.index.get_xb(), self.ntotal * self.dim).reshape(self.ntotal, self.dim)  # no copy
+        bounds = np.linspace(0, self.ntotal, parts + 1, dtype=np.int64)
+        slices = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+        def scan(bound: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+            lo, hi = bound
+            scores, positions = faiss.knn(query, rows[lo:hi], min(k, hi - lo), metric=faiss.METRIC_INNER_PRODUCT)
+            return scores, positions + lo
+
+        found = list(self._pool.map(scan, slices))
+        scores = np.concatenate([f[0] for f in found], axis=1)  # (1, parts * k)
+        positions = np.concatenate([f[1] for f in found], axis=1)
+        best = np.argsort(-scores[0], kind="stable")[:k]
+        return scores[:, best], positions[:, best]
 
     def save(self, path: Path) -> None:
         faiss = _faiss()

@@ -40,6 +40,19 @@ def test_search_is_exact_against_numpy(nq: int) -> None:
     assert faiss.omp_get_max_threads() >= 1 and faiss.cvar.distance_compute_blas_threshold != 8  # restored
 
 
+def test_split_scan_for_one_query_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ohlora_rag.index as index_module
+
+    monkeypatch.setattr(index_module, "SPLIT_FROM_ROWS", 1000)
+    rng = np.random.default_rng(3)
+    base, query = _unit(rng, 4001, 16), _unit(rng, 1, 16)
+    faiss.omp_set_num_threads(2)
+    scores, positions = VectorIndex.from_vectors(base).search(query, 7)
+    expected = np.argsort(-(query @ base.T)[0])[:7]
+    np.testing.assert_array_equal(positions[0], expected)
+    np.testing.assert_allclose(scores[0], (query @ base.T)[0][expected], rtol=1e-5)
+
+
 def test_k_is_capped_at_index_size() -> None:
     index = VectorIndex.from_vectors(_unit(np.random.default_rng(1), 3, 8))
     scores, positions = index.search(_unit(np.random.default_rng(2), 1, 8), 10)
