@@ -12,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from .config import Defaults, Paths
-from .errors import OhloraError
+from .errors import OhloraError, UsageError
 
 app = typer.Typer(
     name="ohlora-rag",
@@ -404,13 +404,14 @@ def ask_cmd(
     no_guard: _NoGuard = False,
 ) -> None:
     """Answer a question: retrieve the best entry, build the prompt, generate with the LoRA-tuned LLM."""
+    from .data import load_questions
     from .engine import QueryEngine
     from .retriever import check_question
 
     if (question is None) == (file is None):
-        raise _usage("give a question or --file FILE (one question per line), not both")
+        raise UsageError("give a question or --file FILE (one question per line), not both")
     config = _ask_config(top_k, threshold, max_new_tokens, temperature, seed, base_llm, adapter, no_adapter, no_guard)
-    questions = [check_question(question)] if question is not None else _read_questions(file)  # type: ignore[arg-type]
+    questions = [check_question(question)] if question is not None else load_questions(file)  # type: ignore[arg-type]
     engine = QueryEngine.load(config, _paths())
     if engine.notice:
         typer.echo(f"notice: {engine.notice}", err=True)
@@ -434,24 +435,6 @@ def ask_cmd(
     if on_text:
         typer.echo()
     _print_answer(answer, streamed=on_text is not None)
-
-
-def _usage(message: str) -> Exception:
-    from .errors import UsageError
-
-    return UsageError(message)
-
-
-def _read_questions(path: Path) -> list[str]:
-    from .data import _decode
-    from .errors import DataFormatError
-
-    if not path.is_file():
-        raise DataFormatError(f"questions file {path} not found — check the path")
-    lines = [line.strip() for line in _decode(path).splitlines() if line.strip()]
-    if not lines:
-        raise DataFormatError(f"{path} is empty — write one question per line")
-    return lines
 
 
 @app.command("chat")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,14 @@ from typing import Any
 from .errors import DataFormatError
 
 SUPPORTED = (".txt", ".csv", ".parquet")
+
+
+def rows_hash(rows: Iterable[Sequence[str]]) -> str:
+    """sha256 (first 16 hex digits) of rows of strings, fields joined by NUL, rows ended by newline."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(("\0".join(row) + "\n").encode())
+    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -31,11 +39,8 @@ class ConceptDB:
 
     @property
     def content_hash(self) -> str:
-        """sha256 of the ids and texts in order (first 16 hex digits): what the index was built from."""
-        digest = hashlib.sha256()
-        for id_, text in zip(self.ids, self.texts):
-            digest.update(id_.encode() + b"\0" + text.encode() + b"\n")
-        return digest.hexdigest()[:16]
+        """What the index was built from: the ids and texts in order."""
+        return rows_hash(zip(self.ids, self.texts))
 
     def to_arrow(self) -> Any:
         """The entries as a pyarrow table: position, id, text, then the metadata columns."""
@@ -203,10 +208,7 @@ class Pairs:
 
     @property
     def content_hash(self) -> str:
-        digest = hashlib.sha256()
-        for q, e, s in zip(self.questions, self.entries, self.scores):
-            digest.update(f"{q}\0{e}\0{s!r}\n".encode())
-        return digest.hexdigest()[:16]
+        return rows_hash((q, e, repr(s)) for q, e, s in zip(self.questions, self.entries, self.scores))
 
     def subset(self, rows: Sequence[int]) -> Pairs:
         return Pairs(
@@ -293,10 +295,7 @@ class SftRows:
 
     @property
     def content_hash(self) -> str:
-        digest = hashlib.sha256()
-        for q, e, a in zip(self.questions, self.entries, self.answers):
-            digest.update(f"{q}\0{e or ''}\0{a}\n".encode())
-        return digest.hexdigest()[:16]
+        return rows_hash((q, e or "", a) for q, e, a in zip(self.questions, self.entries, self.answers))
 
 
 def load_sft(path: str | Path, split: str | None = "train") -> SftRows:
@@ -331,3 +330,14 @@ def load_sft(path: str | Path, split: str | None = "train") -> SftRows:
         entries.append(entry)
         answers.append(str(a).strip())
     return SftRows(path, questions, entries, answers)
+
+
+def load_questions(path: str | Path) -> list[str]:
+    """A batch file for `ask --file`: one question per line, blank lines skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"questions file {path} not found — check the path")
+    lines = [line.strip() for line in _decode(path).splitlines() if line.strip()]
+    if not lines:
+        raise DataFormatError(f"{path} is empty — write one question per line")
+    return lines

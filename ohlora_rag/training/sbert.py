@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,8 @@ from ..device import native_bf16, torch_device
 from ..encoder import Encoder, quiet_transformers
 from ..errors import DataFormatError, UsageError
 from ..evaluate import RetrievalReport, evaluate_retrieval
-from ..models import ModelRef, resolve, swap_in, write_manifest
+from ..models import ModelRef, resolve, staged_folder, write_manifest
+from .common import config_record, quiet_trainer, warmup
 
 
 @dataclass
@@ -43,21 +42,6 @@ def split_by_question(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, 
     train_rows = [i for i, q in enumerate(pairs.questions) if q not in held]
     valid_rows = [i for i, q in enumerate(pairs.questions) if q in held]
     return pairs.subset(train_rows), pairs.subset(valid_rows)
-
-
-def warmup(ratio: float) -> dict[str, float]:
-    """Warm-up as a share of the steps: `warmup_steps` takes a float from transformers 5, `warmup_ratio` before."""
-    import transformers
-
-    major = int(transformers.__version__.split(".")[0])
-    return {"warmup_steps": ratio} if major >= 5 else {"warmup_ratio": ratio}
-
-
-def quiet_trainer(trainer: Any) -> None:
-    """No per-epoch metric dicts on stdout (they stay in trainer.state.log_history)."""
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)
 
 
 def freeze(transformer: Any, embeddings: bool, layers: int) -> None:
@@ -223,9 +207,7 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
     seconds = time.perf_counter() - start
     rows = sum(len(d) for d in train_data.values()) if isinstance(train_data, dict) else len(train_data)
 
-    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staged_folder(out) as staging:
         model.save(str(staging))
         report = evaluate_retrieval(
             Encoder(ModelRef(str(out), staging)), valid, sorted(set(pairs.entries) | set(valid.entries))
@@ -243,11 +225,8 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
             seed=config.seed,
             threshold=threshold,
             metrics=report.to_dict(),
-            config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+            config=config_record(config),
         )
-        swap_in(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     processed = min(steps_done["n"] * config.batch_size, rows * config.epochs)  # pairs seen in this run
     return SbertTrainReport(
         out=out,

@@ -1,0 +1,27 @@
+"""Plumbing both trainers share: warm-up arguments, quiet logging, the config as it goes into a manifest."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+
+def warmup(ratio: float) -> dict[str, float]:
+    """Warm-up as a share of the steps: `warmup_steps` takes a float from transformers 5, `warmup_ratio` before."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"warmup_steps": ratio} if major >= 5 else {"warmup_ratio": ratio}
+
+
+def quiet_trainer(trainer: Any) -> None:
+    """No per-epoch metric dicts on stdout (they stay in trainer.state.log_history)."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+
+
+def config_record(config: Any) -> dict[str, Any]:
+    """A training config dataclass as JSON-ready values (paths as strings) for the output's manifest."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
