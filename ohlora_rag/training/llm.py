@@ -156,7 +156,6 @@ def train_llm(config: LlmTrainConfig, paths: Paths | None = None) -> LlmTrainRep
         use_cpu=torch_device() == "cpu",
         dataset_num_proc=None,
         eos_token=tokenizer.eos_token,
-        pad_token=tokenizer.pad_token,
     )
     steps = {"n": 0}
 
