@@ -177,15 +177,20 @@ def train_sbert_cmd(
         str | None, typer.Option("--base", help="Encoder to start from (default: multilingual-e5-small).")
     ] = None,
     epochs: Annotated[int, typer.Option("--epochs")] = _D.sbert.epochs,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = _D.sbert.batch_size,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Pairs per step (hybrid: whole questions up to this many pairs).")
+    ] = _D.sbert.batch_size,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = _D.sbert.learning_rate,
     loss: Annotated[
         str,
         typer.Option(
             "--loss",
-            help="cosine (the seed's CosineSimilarityLoss) | cosent | mnrl | hybrid (cosine + MNRL on look-alike triplets).",
+            help="hybrid (cosine + a ranking term, batches of whole questions) | cosine (the seed's) | cosent | mnrl.",
         ),
     ] = _D.sbert.loss,
+    ranking_weight: Annotated[
+        float, typer.Option("--ranking-weight", help="hybrid: weight of the ranking term (0 = cosine only).")
+    ] = _D.sbert.ranking_weight,
     seed: Annotated[int, typer.Option("--seed")] = _D.sbert.seed,
     max_seq_length: Annotated[int, typer.Option("--max-seq-length")] = _D.sbert.max_seq_length,
     train_embeddings: Annotated[
@@ -210,6 +215,7 @@ def train_sbert_cmd(
         batch_size=batch_size,
         learning_rate=lr,
         loss=loss,
+        ranking_weight=ranking_weight,
         seed=seed,
         max_seq_length=max_seq_length,
         freeze_embeddings=not train_embeddings,

@@ -111,9 +111,10 @@ SBERT_LOSSES = ("cosine", "cosent", "mnrl", "hybrid")
 
 @dataclass
 class SbertTrainConfig:
-    """`train-sbert` settings. The default recipe is the original project's (CosineSimilarityLoss, batch 16,
-    10 % warm-up, mean pooling, max_seq_length 64) made ~3x faster on CPU: the word embeddings and the lowest
-    4 layers stay fixed and matmuls run in bfloat16 where the hardware has it (bench/train_sbert.py)."""
+    """`train-sbert` settings. The default recipe is the original project's (CosineSimilarityLoss, 10 % warm-up,
+    mean pooling, max_seq_length 64) made fast on CPU (bench/train_sbert.py): batches of whole questions in which
+    each distinct text is encoded once, a ranking term for the right entry, the word embeddings and the lowest
+    2 layers fixed, matmuls in bfloat16 where the hardware has it, and one validation at the end."""
 
     data: Path
     """Pairs file (.csv/.parquet) with user_question, rag_retrieved_data, similarity_score (+ optional data_type)."""
@@ -122,17 +123,21 @@ class SbertTrainConfig:
     base: str | None = None
     """Encoder to start from; None means the built-in base encoder."""
     epochs: int = 4
-    batch_size: int = 16
+    batch_size: int = 32
+    """Pairs per step; `hybrid` packs whole questions up to this many pairs (a larger question gets a step alone)."""
     learning_rate: float = 1e-4
     warmup_ratio: float = 0.1
     loss: str = "hybrid"
-    """cosine (CosineSimilarityLoss, the seed's), cosent (CoSENTLoss), mnrl (MultipleNegativesRankingLoss on the 1.0
-    pairs), or hybrid (cosine on the graded pairs + MNRL on (question, right entry, related look-alike) triplets)."""
+    """hybrid (CosineSimilarityLoss on every pair + a softmax ranking term for each question's right entry against
+    every entry of its batch, batches of whole questions), cosine (CosineSimilarityLoss, the seed's), cosent
+    (CoSENTLoss), or mnrl (MultipleNegativesRankingLoss on the 1.0 pairs)."""
+    ranking_weight: float = 0.2
+    """Weight of hybrid's ranking term next to its cosine term (0 = the cosine loss alone, batched by question)."""
     seed: int = 42
     max_seq_length: int = 64
     freeze_embeddings: bool = True
     """Keep the 96 M-parameter word-embedding matrix fixed: most of the model's size, little of its quality."""
-    freeze_layers: int = 4
+    freeze_layers: int = 2
     """Also keep the embedding block and the lowest N transformer layers fixed (no backward pass through them)."""
     bf16: bool | None = None
     """bfloat16 autocast (fp32 master weights); None means on where the hardware has native bf16 (AVX512-BF16/AMX, or CUDA)."""
@@ -154,6 +159,8 @@ class SbertTrainConfig:
             raise UsageError(f"valid fraction {self.valid_fraction}: must lie in (0, 1)")
         if self.learning_rate <= 0:
             raise UsageError(f"--lr {self.learning_rate}: must be positive")
+        if self.ranking_weight < 0:
+            raise UsageError(f"--ranking-weight {self.ranking_weight}: must be 0 or more")
         if self.freeze_layers < 0:
             raise UsageError(f"--freeze-layers {self.freeze_layers}: must be 0 or more")
 

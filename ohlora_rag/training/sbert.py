@@ -65,60 +65,41 @@ def _layers(transformer: Any) -> Any:
     return blocks
 
 
-def triplets(pairs: Pairs, per_question: int = 2) -> dict[str, list[str]]:
-    """(question, right entry, hard negative) rows: the negatives are the question's own related entries
-    (0 < score < 1), highest first — exactly the look-alikes retrieval must rank below the right one."""
-    by_question: dict[str, list[tuple[float, str]]] = {}
-    for q, e, score in zip(pairs.questions, pairs.entries, pairs.scores):
-        by_question.setdefault(q, []).append((score, e))
-    out: dict[str, list[str]] = {"anchor": [], "positive": [], "negative": []}
-    for q, scored in by_question.items():
-        positives = [e for score, e in scored if score >= 1.0]
-        hard = [e for score, e in sorted(scored, key=lambda x: -x[0]) if 0.0 < score < 1.0][:per_question]
-        for positive in positives:
-            for negative in hard:
-                out["anchor"].append(q)
-                out["positive"].append(positive)
-                out["negative"].append(negative)
-    return out
-
-
-def _training_data(pairs: Pairs, loss: str, model: Any) -> tuple[Any, Any]:
-    """(dataset(s), loss(es)) for the chosen loss; `hybrid` trains both heads on one schedule."""
+def _training_data(pairs: Pairs, config: SbertTrainConfig, model: Any) -> tuple[Any, Any]:
+    """(dataset, loss) for the chosen loss; every loss reads the same (question, entry, score) columns."""
     from datasets import Dataset
     from sentence_transformers import losses
 
     graded = Dataset.from_dict({"sentence1": pairs.questions, "sentence2": pairs.entries, "score": pairs.scores})
-    if loss == "cosine":
+    if config.loss == "hybrid":
+        from .grouped import GroupedHybridLoss
+
+        return graded, GroupedHybridLoss(model, ranking_weight=config.ranking_weight)
+    if config.loss == "cosine":
         return graded, losses.CosineSimilarityLoss(model)
-    if loss == "cosent":
+    if config.loss == "cosent":
         return graded, losses.CoSENTLoss(model)
     keep = [i for i, s in enumerate(pairs.scores) if s >= 1.0]
-    if loss == "mnrl":
-        positives = Dataset.from_dict(
-            {"anchor": [pairs.questions[i] for i in keep], "positive": [pairs.entries[i] for i in keep]}
-        )
-        return positives, losses.MultipleNegativesRankingLoss(model)
-    ranked = triplets(pairs)
-    if not ranked["anchor"]:
-        return graded, losses.CosineSimilarityLoss(model)
-    return (
-        {"graded": graded, "ranked": Dataset.from_dict(ranked)},
-        {"graded": losses.CosineSimilarityLoss(model), "ranked": losses.MultipleNegativesRankingLoss(model)},
-    )
+    positives = {"anchor": [pairs.questions[i] for i in keep], "positive": [pairs.entries[i] for i in keep]}
+    return Dataset.from_dict(positives), losses.MultipleNegativesRankingLoss(model)
+
+
+def _sampler(loss: str) -> dict[str, Any]:
+    """Batches of whole questions for `hybrid`, the trainer's shuffled batches otherwise."""
+    if loss != "hybrid":
+        return {}
+    from .grouped import question_batches
+
+    return {"batch_sampler": question_batches}
 
 
 def _prompts(model: Any, loss: str) -> Any:
-    """Column -> prompt (per dataset for hybrid), when the model has e5-style query/passage prompts."""
+    """Column -> prompt when the model has e5-style query/passage prompts."""
     prompts = model.prompts or {}
     if "query" not in prompts or "passage" not in prompts:
         return None
     q, p = prompts["query"], prompts["passage"]
-    graded = {"sentence1": q, "sentence2": p}
-    ranked = {"anchor": q, "positive": p, "negative": p}
-    if loss == "hybrid":
-        return {"graded": graded, "ranked": ranked}
-    return ranked if loss == "mnrl" else graded
+    return {"anchor": q, "positive": p} if loss == "mnrl" else {"sentence1": q, "sentence2": p}
 
 
 def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTrainReport:
@@ -159,12 +140,7 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
     model = SentenceTransformer(str(base.path), device=torch_device(), local_files_only=True)
     model.max_seq_length = config.max_seq_length
     freeze(model[0].auto_model, config.freeze_embeddings, config.freeze_layers)
-    train_data, loss = _training_data(train, config.loss, model)
-    eval_data, _ = _training_data(valid, config.loss, model)
-    if isinstance(train_data, dict) and not isinstance(eval_data, dict):  # no look-alikes among the valid rows
-        eval_data = {"graded": eval_data}
-    elif isinstance(eval_data, dict) and not isinstance(train_data, dict):
-        eval_data = eval_data["graded"]
+    train_data, loss = _training_data(train, config, model)
 
     args = SentenceTransformerTrainingArguments(
         output_dir=str(checkpoints),
@@ -177,18 +153,22 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
         data_seed=config.seed,
         save_strategy="epoch",
         save_total_limit=1,
-        eval_strategy="epoch",
+        eval_strategy="no",  # validation runs once, on the saved model, with the full retrieval metrics
         logging_strategy="epoch",
         report_to="none",
         prompts=_prompts(model, config.loss),
         disable_tqdm=not config.progress,
+        **_sampler(config.loss),
         dataloader_drop_last=False,
         use_cpu=not torch.cuda.is_available(),
         bf16=native_bf16() if config.bf16 is None else config.bf16,
     )
-    steps_done = {"n": 0}
+    steps_done: dict[str, float] = {"n": 0}
 
     class _Count(TrainerCallback):  # type: ignore[misc]
+        def on_step_begin(self, _args: Any, state: Any, *_: Any, **__: Any) -> None:
+            steps_done.setdefault("from_epoch", state.epoch or 0.0)
+
         def on_step_end(self, *_: Any, **__: Any) -> None:
             steps_done["n"] += 1
 
@@ -196,7 +176,6 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
         model=model,
         args=args,
         train_dataset=train_data,
-        eval_dataset=eval_data,
         loss=loss,
         callbacks=[_Count()],
     )
@@ -205,7 +184,7 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if config.resume else None)
     seconds = time.perf_counter() - start
-    rows = sum(len(d) for d in train_data.values()) if isinstance(train_data, dict) else len(train_data)
+    rows = len(train_data)
 
     with staged_folder(out) as staging:
         model.save(str(staging))
@@ -227,10 +206,11 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
             metrics=report.to_dict(),
             config=config_record(config),
         )
-    processed = min(steps_done["n"] * config.batch_size, rows * config.epochs)  # pairs seen in this run
+    epochs_run = trainer.state.epoch - steps_done.get("from_epoch", trainer.state.epoch)
+    processed = rows * epochs_run  # pairs seen in this run (a resumed run counts only its own part)
     return SbertTrainReport(
         out=out,
-        steps=steps_done["n"],
+        steps=int(steps_done["n"]),
         train_pairs=rows,
         valid_pairs=len(valid),
         seconds=seconds,
