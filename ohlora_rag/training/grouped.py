@@ -69,25 +69,6 @@ class QuestionBatchSampler(DefaultBatchSampler):  # type: ignore[misc]
         return len(self._batches())
 
 
-def question_batches(
-    dataset: Any,
-    batch_size: int,
-    drop_last: bool,
-    valid_label_columns: list[str] | None = None,
-    generator: torch.Generator | None = None,
-    seed: int = 0,
-) -> DefaultBatchSampler:
-    """`batch_sampler` for SentenceTransformerTrainingArguments: question-grouped batches for the graded dataset,
-    plain shuffled batches for any other dataset."""
-    if QUESTION_COLUMN in dataset.column_names:
-        return QuestionBatchSampler(dataset, batch_size, drop_last, valid_label_columns, generator, seed)
-    from torch.utils.data import RandomSampler
-
-    return DefaultBatchSampler(
-        RandomSampler(dataset, generator=generator), batch_size, drop_last, valid_label_columns, generator, seed
-    )
-
-
 class GroupedHybridLoss(nn.Module):
     """CosineSimilarityLoss on every labelled pair of the batch + a softmax ranking term.
 

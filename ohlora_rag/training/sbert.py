@@ -88,9 +88,9 @@ def _sampler(loss: str) -> dict[str, Any]:
     """Batches of whole questions for `hybrid`, the trainer's shuffled batches otherwise."""
     if loss != "hybrid":
         return {}
-    from .grouped import question_batches
+    from .grouped import QuestionBatchSampler
 
-    return {"batch_sampler": question_batches}
+    return {"batch_sampler": QuestionBatchSampler}
 
 
 def _prompts(model: Any, loss: str) -> Any:
