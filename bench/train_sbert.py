@@ -4,8 +4,8 @@ Both train from the same base encoder on the same pairs and are measured on the 
 - bare: SentenceTransformerTrainer + CosineSimilarityLoss, batch 16, 10 % warm-up, max_seq_length 64, fp32, every
   parameter trainable (the original project's recipe);
 - ours: `train_sbert` with its defaults (the same cosine term plus a ranking term, batches of whole questions with
-  each distinct text encoded once, the word embeddings frozen, bf16 autocast where the CPU has it). Its pairs/s
-  include what the command does besides the steps: a validation pass and a checkpoint per epoch.
+  each distinct text encoded once, the word embeddings and lowest 2 layers frozen, bf16 autocast where the CPU has
+  it). Its pairs/s include what the command does besides the steps: a checkpoint per epoch.
 
 Run: `python bench/train_sbert.py [--data PAIRS] [--valid PAIRS] [--epochs 2] [--db DB] [--set FIELD=VALUE]`.
 Without --valid, `--holdout` (20 %) of the questions are held out (seeded by `--split-seed`). The README's numbers:
@@ -98,8 +98,13 @@ def overrides(items: list[str]) -> dict[str, object]:
     out: dict[str, object] = {}
     for item in items:
         name, _, value = item.partition("=")
-        kind = str(types.get(name, "str"))
-        out[name] = float(value) if "float" in kind else int(value) if "int" in kind else value
+        if name not in types:
+            raise SystemExit(f"--set {item}: no such SbertTrainConfig field — one of {', '.join(types)}")
+        kind = str(types[name])
+        if "bool" in kind:
+            out[name] = value.lower() in ("1", "true", "yes")
+        else:
+            out[name] = float(value) if "float" in kind else int(value) if "int" in kind else value
     return out
 
 

@@ -146,7 +146,6 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
         output_dir=str(checkpoints),
         num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=64,
         learning_rate=config.learning_rate,
         **warmup(config.warmup_ratio),
         seed=config.seed,
