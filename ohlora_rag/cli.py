@@ -140,7 +140,7 @@ def search_cmd(
 
 def _print_report(name: str, report: Any) -> None:
     p, r, c = report.pairs, report.ranking, report.calibration
-    cells = [f"{p.mse:.4f}", f"{p.mae:.4f}", f"{p.pearson:.4f}", f"{p.spearman:.4f}"]
+    cells = [f"{p.mse:.4f}", f"{p.mae:.4f}", f"{p.pearson:.4f}", f"{p.spearman:.4f}", f"{p.top1:.3f}"]
     cells += [f"{r.recall_at_1:.3f}", f"{r.recall_at_5:.3f}", f"{r.mrr_at_10:.3f}"] if r else ["-", "-", "-"]
     cells += [f"{c.threshold:.3f}", f"{c.precision:.3f}", f"{c.recall:.3f}", f"{c.coverage:.3f}"] if c else ["-"] * 4
     typer.echo(f"{name:<28}" + "".join(f"{x:>10}" for x in cells))
@@ -153,6 +153,7 @@ _REPORT_HEADER = f"{'model':<28}" + "".join(
         "MAE",
         "Pearson",
         "Spearman",
+        "top-1",
         "R@1",
         "R@5",
         "MRR@10",

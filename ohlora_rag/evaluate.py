@@ -20,6 +20,9 @@ class PairMetrics:
     pearson: float
     spearman: float
     pairs: int
+    top1: float = float("nan")
+    """Share of questions with a 1.0 pair whose highest-scored labelled entry is a 1.0 one: the original project's
+    "right entry first among the question's candidates" (80 of 88), which ranks a question's own rows only."""
 
 
 @dataclass
@@ -59,8 +62,13 @@ class RetrievalReport:
         return asdict(self)
 
 
-def pair_metrics(predicted: Sequence[float] | np.ndarray, target: Sequence[float] | np.ndarray) -> PairMetrics:
-    """MSE, MAE, Pearson and Spearman (average ranks for ties) of predicted vs target scores."""
+def pair_metrics(
+    predicted: Sequence[float] | np.ndarray,
+    target: Sequence[float] | np.ndarray,
+    questions: Sequence[str] | None = None,
+) -> PairMetrics:
+    """MSE, MAE, Pearson and Spearman (average ranks for ties) of predicted vs target scores; with `questions`
+    (each pair's question), also top-1 among each question's labelled candidates."""
     p = np.asarray(predicted, dtype=np.float64)
     t = np.asarray(target, dtype=np.float64)
     err = p - t
@@ -70,7 +78,18 @@ def pair_metrics(predicted: Sequence[float] | np.ndarray, target: Sequence[float
         pearson=_correlation(p, t),
         spearman=_correlation(_ranks(p), _ranks(t)),
         pairs=len(p),
+        top1=candidate_top1(p, t, questions) if questions is not None else float("nan"),
     )
+
+
+def candidate_top1(predicted: np.ndarray, target: np.ndarray, questions: Sequence[str]) -> float:
+    """Share of questions having a 1.0 pair whose best-scored pair (first on a tie) is labelled 1.0."""
+    best: dict[str, tuple[float, float]] = {}
+    for score, label, q in zip(predicted.tolist(), target.tolist(), questions):
+        if q not in best or score > best[q][0]:
+            best[q] = (score, label)
+    asked = {q for q, label in zip(questions, target.tolist()) if label >= 1.0}
+    return sum(best[q][1] >= 1.0 for q in asked) / len(asked) if asked else float("nan")
 
 
 def _correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -166,7 +185,7 @@ def evaluate_retrieval(
     q_vecs = encoder.encode_queries(questions, batch_size=batch_size)  # (nq, d)
     e_vecs = encoder.encode_passages(entries, batch_size=batch_size)  # (ne, d)
     predicted = [float(q_vecs[q_row[q]] @ e_vecs[e_row[e]]) for q, e in zip(pairs.questions, pairs.entries)]
-    pm = pair_metrics(predicted, pairs.scores)
+    pm = pair_metrics(predicted, pairs.scores, pairs.questions)
 
     db = list(dict.fromkeys(db_texts)) if db_texts is not None else sorted(set(pairs.entries))
     db_pos = {t: i for i, t in enumerate(db)}

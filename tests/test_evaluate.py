@@ -37,6 +37,15 @@ def test_spearman_uses_average_ranks_for_ties() -> None:
     assert m.spearman == pytest.approx(4 / math.sqrt(20))
 
 
+def test_top1_among_each_questions_labelled_candidates() -> None:
+    questions = ["a", "a", "a", "b", "b", "c", "c"]
+    target = [1.0, 0.25, 0.0, 0.5, 1.0, 0.0, 0.1]  # c has no right entry: not counted
+    predicted = [0.7, 0.8, 0.1, 0.6, 0.9, 0.9, 0.2]  # a: a 0.25 entry scores highest (miss); b: its 1.0 (hit)
+    m = pair_metrics(predicted, target, questions)
+    assert m.top1 == 0.5
+    assert math.isnan(pair_metrics(predicted, target).top1)
+
+
 def test_ranking_metrics_by_hand() -> None:
     r = ranking_metrics([1, 2, None, 6])
     assert r.recall_at_1 == 0.25 and r.recall_at_5 == 0.5
