@@ -88,6 +88,24 @@ def bare_recipe(train: Path, base_path: Path, out: Path, epochs: int, seed: int)
     return seconds, len(pairs) * epochs
 
 
+def paraphrase_file(path: Path, paraphrases: Path, folder: Path) -> Path:
+    """Held-out pairs made of new wordings: every question of `path` replaced by its paraphrase in `paraphrases`
+    (index = the question's place in first-appearance order), keeping the question's entries and scores."""
+    with path.open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    with paraphrases.open(encoding="utf-8") as fh:
+        new = {int(r["index"]): r["paraphrase"] for r in csv.DictReader(fh)}
+    order = {q: i for i, q in enumerate(dict.fromkeys(r["user_question"] for r in rows))}
+    if set(new) != set(order.values()):
+        raise SystemExit(f"{paraphrases}: needs one paraphrase for each of the {len(order)} questions of {path}")
+    target = folder / "paraphrases.csv"
+    with target.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**r, "user_question": new[order[r["user_question"]]]} for r in rows)
+    return target
+
+
 def overrides(items: list[str]) -> dict[str, object]:
     """`--set loss=cosine --set learning_rate=5e-5` -> typed SbertTrainConfig keyword arguments."""
     from dataclasses import fields
@@ -114,6 +132,11 @@ def main() -> None:
         "--data", type=Path, default=SEED_PAIRS if SEED_PAIRS.exists() else ROOT / "data" / "sbert_train.csv"
     )
     parser.add_argument("--valid", type=Path)
+    parser.add_argument(
+        "--paraphrases",
+        type=Path,
+        help="train on all of --data, measure on these rewordings of its questions (bench/seed_paraphrases.csv)",
+    )
     parser.add_argument("--db", type=Path, help="DB to rank against (default: the entries of the pairs)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=42, help="training seed")
@@ -135,11 +158,14 @@ def main() -> None:
 
     quiet_transformers()
     work = Path(tempfile.mkdtemp(prefix="ohlora-bench-sbert-"))
-    train, valid = (
-        (args.data, args.valid)
-        if args.valid
-        else split_file(args.data, args.holdout, args.seed if args.split_seed is None else args.split_seed, work)
-    )
+    if args.paraphrases:
+        train, valid = args.data, paraphrase_file(args.data, args.paraphrases, work)
+    elif args.valid:
+        train, valid = args.data, args.valid
+    else:
+        train, valid = split_file(
+            args.data, args.holdout, args.seed if args.split_seed is None else args.split_seed, work
+        )
     paths = Paths.resolve(ROOT)
     base = resolve(DEFAULT_ENCODER, "encoder", paths)
     valid_pairs = load_pairs(valid, split=None)
@@ -173,7 +199,7 @@ def main() -> None:
             evaluate_retrieval(Encoder(ModelRef("bare", work / "bare" / "model")), valid_pairs, db),
         )
 
-    header = ["recipe", "pairs/s", "speed-up", "MSE", "MAE", "Pearson", "Spearman", "R@1", "R@5", "MRR@10"]
+    header = ["recipe", "pairs/s", "speed-up", "MSE", "MAE", "Pearson", "Spearman", "top-1", "R@1", "R@5", "MRR@10"]
     print("  ".join(f"{h:>10}" if i else f"{h:<24}" for i, h in enumerate(header)))
     bare_speed = results.get("bare seed recipe", (None, None))[0]
     for name, (speed, rep) in results.items():
@@ -185,6 +211,7 @@ def main() -> None:
             f"{rep.pairs.mae:.4f}",
             f"{rep.pairs.pearson:.4f}",
             f"{rep.pairs.spearman:.4f}",
+            f"{rep.pairs.top1:.3f}",
             f"{r.recall_at_1:.3f}" if r else "-",
             f"{r.recall_at_5:.3f}" if r else "-",
             f"{r.mrr_at_10:.3f}" if r else "-",
