@@ -247,8 +247,8 @@ def evaluate_retrieval_cmd(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Pair metrics (MSE, MAE, Pearson, Spearman), ranking (R@1, R@5, MRR@10) and the calibrated threshold:
-    the base encoder and the fine-tuned one side by side."""
+    """Pair metrics (MSE, MAE, Pearson, Spearman, top-1 among labelled), ranking (R@1, R@5, MRR@10) and the
+    calibrated threshold: the base encoder and the fine-tuned one side by side."""
     from .config import DEFAULT_ENCODER
     from .data import load_concepts, load_pairs
     from .encoder import Encoder
