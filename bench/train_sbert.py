@@ -33,24 +33,29 @@ sys.path.insert(0, str(ROOT))
 SEED_PAIRS = ROOT.parent / "shared" / "ohlora-data" / "sbert_train.csv"
 
 
-def split_file(path: Path, fraction: float, seed: int, folder: Path) -> tuple[Path, Path]:
+def read_rows(path: Path) -> list[dict[str, str]]:
     with path.open(encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
+        return list(csv.DictReader(fh))
+
+
+def write_rows(target: Path, rows: list[dict[str, str]]) -> Path:
+    with target.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return target
+
+
+def split_file(path: Path, fraction: float, seed: int, folder: Path) -> tuple[Path, Path]:
+    rows = read_rows(path)
     questions = sorted({r["user_question"] for r in rows})
     random.Random(seed).shuffle(questions)
     held = set(questions[: max(1, round(len(questions) * fraction))])
-    out = []
-    for name, keep in (
-        ("train", lambda r: r["user_question"] not in held),
-        ("valid", lambda r: r["user_question"] in held),
-    ):
-        target = folder / f"{name}.csv"
-        with target.open("w", encoding="utf-8", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows({**r, "data_type": "train"} if "data_type" in r else r for r in rows if keep(r))
-        out.append(target)
-    return out[0], out[1]
+    as_train = [{**r, "data_type": "train"} if "data_type" in r else r for r in rows]
+    return (
+        write_rows(folder / "train.csv", [r for r in as_train if r["user_question"] not in held]),
+        write_rows(folder / "valid.csv", [r for r in as_train if r["user_question"] in held]),
+    )
 
 
 def bare_recipe(train: Path, base_path: Path, out: Path, epochs: int, seed: int) -> tuple[float, int]:
@@ -95,19 +100,14 @@ def bare_recipe(train: Path, base_path: Path, out: Path, epochs: int, seed: int)
 def paraphrase_file(path: Path, paraphrases: Path, folder: Path) -> Path:
     """Held-out pairs made of new wordings: every question of `path` replaced by its paraphrase in `paraphrases`
     (index = the question's place in first-appearance order), keeping the question's entries and scores."""
-    with path.open(encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    with paraphrases.open(encoding="utf-8") as fh:
-        new = {int(r["index"]): r["paraphrase"] for r in csv.DictReader(fh)}
+    rows = read_rows(path)
+    new = {int(r["index"]): r["paraphrase"] for r in read_rows(paraphrases)}
     order = {q: i for i, q in enumerate(dict.fromkeys(r["user_question"] for r in rows))}
     if set(new) != set(order.values()):
         raise SystemExit(f"{paraphrases}: needs one paraphrase for each of the {len(order)} questions of {path}")
-    target = folder / "paraphrases.csv"
-    with target.open("w", encoding="utf-8", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({**r, "user_question": new[order[r["user_question"]]]} for r in rows)
-    return target
+    return write_rows(
+        folder / "paraphrases.csv", [{**r, "user_question": new[order[r["user_question"]]]} for r in rows]
+    )
 
 
 def overrides(items: list[str]) -> dict[str, object]:
