@@ -1,8 +1,10 @@
 """Build data/sbert_train.csv and data/sbert_dev.csv from data/questions.csv and data/concepts.csv (deterministic).
 
 Scores follow the original project's graded scheme: the question's own entry 1.0, entries listed as related 0.5,
-one other entry of the same topic 0.1, three entries of other topics 0.0; questions that no entry answers are paired
-with four random entries at 0.0. Run: `python data/make_pairs.py`.
+one other entry of the same topic 0.1, entries of other topics 0.0 (two for a training question, three for a dev
+question); questions that no entry answers are paired with four random entries at 0.0. Training needs no third
+unrelated pair: its ranking term already scores each question against every entry of its batch, and 14 % fewer pairs
+is 14 % less training time. Run: `python data/make_pairs.py`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ def main() -> None:
         questions = list(csv.DictReader(fh))
     by_id = {c["id"]: c for c in concepts}
     rng = random.Random(SEED)
+    unrelated = {"train": 2, "dev": 3}
     out: dict[str, list[dict[str, str]]] = {"train": [], "dev": []}
     for q in questions:
         rows: list[tuple[str, float]] = []
@@ -38,7 +41,8 @@ def main() -> None:
                 rows.append((pick["text"], 0.1))
                 taken.add(pick["id"])
             others = [c for c in concepts if c["topic"] != own["topic"] and c["id"] not in taken]
-            rows += [(c["text"], 0.0) for c in rng.sample(others, 3)]
+            drawn = rng.sample(others, 3)  # always 3, so each question's draws stay as they were
+            rows += [(c["text"], 0.0) for c in drawn[: unrelated[q["split"]]]]
         else:
             rows += [(c["text"], 0.0) for c in rng.sample(concepts, 4)]
         data_type = "train" if q["split"] == "train" else "valid"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -39,8 +40,21 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def _disk_full(exc: BaseException) -> str | None:
+    """' (writing PATH)' / '' when `exc` or an exception it chains is a full disk; None otherwise."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return f" (writing {seen.filename})" if seen.filename else ""
+        if "No space left on device" in str(seen):  # safetensors' and tokenizers' Rust errors are not OSErrors
+            return ""
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def friendly(func: F) -> F:
-    """Library errors become one line on stderr and a non-zero exit; Ctrl-C exits 130 without a traceback."""
+    """Library errors become one line on stderr and a non-zero exit; so does a full disk (outputs are swapped in
+    only when complete, so the previous model or index is still there); Ctrl-C exits 130 without a traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -50,6 +64,15 @@ def friendly(func: F) -> F:
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except Exception as exc:
+            where = _disk_full(exc)
+            if where is None:
+                raise
+            _fail(
+                f"no space left on device{where} — free some disk space and run the command again;"
+                " the previous model or index is unchanged",
+                1,
+            )
 
     return wrapper  # type: ignore[return-value]
 

@@ -256,7 +256,7 @@ def write_index(index_dir: Path, vectors: VectorIndex, entries: Any, manifest: M
         pointer_tmp.write_text(build.name + "\n", encoding="utf-8")
         _fsync(pointer_tmp)
         os.replace(pointer_tmp, index_dir / POINTER)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # Faiss reports a failed write as RuntimeError
         shutil.rmtree(staging, ignore_errors=True)
         raise OhloraError(f"could not write the index under {index_dir}: {exc}") from None
     _remove_stale(index_dir, keep=build.name)

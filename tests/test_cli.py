@@ -128,3 +128,20 @@ def test_help_is_fast_and_lists_commands() -> None:
     )
     assert heavy.stdout.strip() == "[]"  # lazy imports: --help loads none of the heavy libraries
     assert elapsed < 10  # generous; the real number is measured in bench/llm.py
+
+
+def test_failed_index_write_keeps_index(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import faiss
+
+    assert invoke("build-index", "-q").exit_code == 0
+    current = (home / "index" / "CURRENT").read_text()
+
+    def full_disk(*_: object) -> None:  # what Faiss raises when fwrite fails
+        raise RuntimeError("Error in faiss::FileIOWriter: write error in index.faiss (No space left on device)")
+
+    monkeypatch.setattr(faiss, "write_index", full_disk)
+    result = invoke("build-index", "-q")
+    assert result.exit_code == 1 and "could not write the index" in result.stderr
+    assert "No space left on device" in result.stderr and "Traceback" not in result.output
+    assert (home / "index" / "CURRENT").read_text() == current
+    assert not [p for p in (home / "index").iterdir() if p.name.startswith(".staging-")]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -149,3 +151,36 @@ def test_hybrid_loss_trains(tmp_path: Path, tiny_sbert: Path) -> None:
     assert report.pairs_per_second > 0
     before, after = _weights(tiny_sbert), _weights(tmp_path / "sbert")
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device", "model.safetensors"),
+        RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors
+    ],
+)
+def test_full_disk_is_one_line_and_keeps_the_model(
+    tmp_path: Path, tiny_sbert: Path, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    from sentence_transformers import SentenceTransformer
+    from typer.testing import CliRunner
+
+    from ohlora_rag.cli import app
+
+    previous = tmp_path / "models" / "sbert"
+    shutil.copytree(tiny_sbert, previous)
+    before = _weights(previous)
+
+    def full_disk(*_: object, **__: object) -> None:
+        raise error
+
+    monkeypatch.setattr(SentenceTransformer, "save", full_disk)
+    data = write_pairs(tmp_path / "pairs.csv")
+    args = ["--home", str(tmp_path), "train-sbert", "--data", str(data), "--base", str(tiny_sbert), "--epochs", "1"]
+    result = CliRunner().invoke(app, [*args, "--loss", "cosine", "--freeze-layers", "0", "-q"])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("error: no space left on device") and "free some disk space" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    after = _weights(previous)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -1,4 +1,4 @@
-"""Plumbing both trainers share: warm-up arguments, quiet logging, the config as it goes into a manifest."""
+"""Plumbing the trainers share: warm-up arguments, quiet logging, the config as it goes into a manifest."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ def quiet_trainer(trainer: Any) -> None:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
+
+
+def quiet_model_card(model: Any) -> None:
+    """No "Computing widget examples" bar: sentence-transformers draws it when a trainer starts, whatever
+    `disable_tqdm` says. The saved model card just lists no widget examples."""
+    model.model_card_data.set_widget_examples = lambda _dataset: None
 
 
 def config_record(config: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from ..encoder import Encoder, quiet_transformers
 from ..errors import DataFormatError, UsageError
 from ..evaluate import RetrievalReport, evaluate_retrieval
 from ..models import ModelRef, resolve, staged_folder, write_manifest
-from .common import config_record, quiet_trainer, warmup
+from .common import config_record, quiet_model_card, quiet_trainer, warmup
 
 
 @dataclass
@@ -141,6 +141,8 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
     model.max_seq_length = config.max_seq_length
     freeze(model[0].auto_model, config.freeze_embeddings, config.freeze_layers)
     train_data, loss = _training_data(train, config, model)
+    if not config.progress:
+        quiet_model_card(model)
 
     args = SentenceTransformerTrainingArguments(
         output_dir=str(checkpoints),
