@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Paths
-from .errors import ModelImportError, ModelNotFoundError
+from .errors import ModelImportError, ModelNotFoundError, OhloraError, UsageError
 
 MANIFEST_NAME = "ohlora_model.json"
 _FORMAT_VERSION = 1
@@ -219,6 +219,27 @@ def write_manifest(folder: Path, **fields: object) -> dict[str, object]:
     _write_json(folder / MANIFEST_NAME, manifest)
     fingerprint(folder)  # computes and caches it in the manifest just written
     return read_manifest(folder) or manifest
+
+
+def store_threshold(folder: Path, threshold: float, calibrated_on: str) -> None:
+    """Record a calibrated threshold in a trained encoder's manifest; `build-index` copies it into the next index.
+
+    The folder's files are untouched, so its fingerprint (and every index built with it) stays valid.
+    """
+    manifest = read_manifest(folder)
+    if manifest is None or manifest.get("kind") != "encoder":
+        raise UsageError(
+            f"--save-threshold: {folder} has no encoder manifest ({MANIFEST_NAME}) — save thresholds into a model "
+            "that train-sbert wrote, or pass --threshold to search/ask"
+        )
+    manifest.update(threshold=threshold, threshold_calibrated_on=calibrated_on)
+    tmp = folder / f"{MANIFEST_NAME}.tmp"
+    try:
+        tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, folder / MANIFEST_NAME)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OhloraError(f"--save-threshold: could not write {folder / MANIFEST_NAME}: {exc}") from None
 
 
 def _write_json(path: Path, data: dict[str, object]) -> None:

@@ -145,3 +145,31 @@ def test_failed_index_write_keeps_index(home: Path, monkeypatch: pytest.MonkeyPa
     assert "No space left on device" in result.stderr and "Traceback" not in result.output
     assert (home / "index" / "CURRENT").read_text() == current
     assert not [p for p in (home / "index").iterdir() if p.name.startswith(".staging-")]
+
+
+def test_save_threshold_reaches_the_index(home: Path, tiny_sbert_master: Path, tmp_path: Path) -> None:
+    from ohlora_rag.models import read_manifest, write_manifest
+    from tests.test_train_sbert import write_pairs
+
+    sbert = home / "models" / "sbert"
+    write_manifest(sbert, kind="encoder", reference=str(sbert), base=str(tiny_sbert_master), threshold=0.99)
+    fingerprint = read_manifest(sbert)["fingerprint"]  # type: ignore[index]
+    pairs = write_pairs(tmp_path / "dev.csv")
+    result = invoke("evaluate-retrieval", "--pairs", str(pairs), "--save-threshold", "--json")
+    assert result.exit_code == 0, result.output
+    calibrated = json.loads(result.stdout)["fine-tuned"]["calibration"]["threshold"]
+    manifest = read_manifest(sbert) or {}
+    assert manifest["threshold"] == calibrated != 0.99 and manifest["threshold_calibrated_on"] == str(pairs)
+    assert manifest["fingerprint"] == fingerprint  # the weights did not change, indexes built with them stay valid
+    assert invoke("build-index", "-q").exit_code == 0
+    index_manifest = json.loads(
+        (home / "index" / (home / "index" / "CURRENT").read_text().strip() / "manifest.json").read_text()
+    )
+    assert index_manifest["threshold"] == calibrated
+
+
+def test_save_threshold_needs_a_trained_encoder(home: Path, tmp_path: Path) -> None:
+    from tests.test_train_sbert import write_pairs
+
+    result = invoke("evaluate-retrieval", "--pairs", str(write_pairs(tmp_path / "dev.csv")), "--save-threshold")
+    assert result.exit_code == 2 and "--save-threshold" in result.stderr and "encoder manifest" in result.stderr
