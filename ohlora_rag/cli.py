@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from .config import Defaults, Paths
-from .errors import DataFormatError, OhloraError, UsageError
+from .errors import OhloraError, UsageError
 
 app = typer.Typer(
     name="ohlora-rag",
@@ -279,44 +279,21 @@ def evaluate_retrieval_cmd(
 ) -> None:
     """Pair metrics (MSE, MAE, Pearson, Spearman, top-1 among labelled), ranking (R@1, R@5, MRR@10) and the
     calibrated threshold: the base encoder and the fine-tuned one side by side."""
-    from .config import DEFAULT_ENCODER
-    from .data import load_concepts, load_pairs
-    from .encoder import Encoder
-    from .evaluate import evaluate_retrieval
-    from .models import choose_encoder, read_manifest, resolve, store_threshold
+    from .evaluate import compare_encoders
 
-    paths = _paths()
-    data = load_pairs(pairs, split=None)
-    db_texts = load_concepts(db).texts if db else None
-    tuned = choose_encoder(model, paths)
-    manifest = read_manifest(tuned.path) or {}
-    if save_threshold and manifest.get("kind") != "encoder":
-        raise UsageError(
-            f"--save-threshold: {tuned.path} has no encoder manifest — store thresholds in a model that train-sbert"
-            " wrote (or pass --threshold to search/ask)"
-        )
-    refs = {"base": resolve(str(manifest.get("base") or DEFAULT_ENCODER), "encoder", paths)}
-    if tuned.path != refs["base"].path:
-        refs["fine-tuned"] = tuned
-    elif save_threshold:
-        raise UsageError(f"--save-threshold: {tuned.path} is a base encoder — store thresholds in a fine-tuned one")
-    reports = {name: evaluate_retrieval(Encoder(ref), data, db_texts) for name, ref in refs.items()}
-    calibration = reports["fine-tuned"].calibration if save_threshold else None
-    if save_threshold and calibration is None:
-        raise DataFormatError(
-            f"--save-threshold: {pairs} gives no calibration — it needs questions with a 1.0 entry in the DB"
-        )
-    if calibration is not None:
-        store_threshold(tuned.path, calibration.threshold, str(pairs))
+    result = compare_encoders(pairs, model, db, save_threshold, _paths())
     if as_json:
-        payload = {name: {"model": refs[name].reference, **rep.to_dict()} for name, rep in reports.items()}
+        payload = {
+            name: {"model": result.refs[name].reference, **rep.to_dict()} for name, rep in result.reports.items()
+        }
         typer.echo(json.dumps(payload, ensure_ascii=False))
         return
     typer.echo(_REPORT_HEADER)
-    for name, rep in reports.items():
-        _print_report(f"{name}: {Path(refs[name].reference).name}"[:27], rep)
-    if calibration is not None:
-        typer.echo(f"threshold {calibration.threshold} saved in {tuned.path} — next: ohlora-rag build-index", err=True)
+    for name, rep in result.reports.items():
+        _print_report(f"{name}: {Path(result.refs[name].reference).name}"[:27], rep)
+    if result.saved_threshold is not None:
+        path = result.refs["fine-tuned"].path
+        typer.echo(f"threshold {result.saved_threshold} saved in {path} — next: ohlora-rag build-index", err=True)
 
 
 @app.command("train-llm")

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .data import Pairs, SftRows
 from .encoder import Encoder
+
+if TYPE_CHECKING:
+    from .config import Paths
+    from .models import ModelRef
 
 
 @dataclass
@@ -218,6 +224,63 @@ def evaluate_retrieval(
     ranking = ranking_metrics(ranks) if ranks else None
     calibration = calibrate(right, wrong, unanswerable) if right and unanswerable else None
     return RetrievalReport(pm, ranking, calibration)
+
+
+@dataclass
+class EncoderComparison:
+    """`evaluate-retrieval`'s result: a report per encoder ("base", and "fine-tuned" when there is one)."""
+
+    refs: dict[str, ModelRef]
+    reports: dict[str, RetrievalReport]
+    saved_threshold: float | None = None
+    """The threshold stored with the fine-tuned encoder (`save_threshold`), else None."""
+
+
+def compare_encoders(
+    pairs_file: Path,
+    model: str | None = None,
+    db: Path | None = None,
+    save_threshold: bool = False,
+    paths: Paths | None = None,
+) -> EncoderComparison:
+    """Measure the fine-tuned encoder (`model`, else the one build-index would use) and its base on `pairs_file`.
+
+    Args:
+        pairs_file: labelled (question, entry, score) pairs; every row is used.
+        model: encoder reference; None means models/sbert/ when trained, else the base encoder alone.
+        db: concept DB to rank against; None means the entries of the pairs.
+        save_threshold: store the fine-tuned encoder's threshold calibrated on these pairs in its manifest.
+    """
+    from .config import DEFAULT_ENCODER, Paths
+    from .data import load_concepts, load_pairs
+    from .errors import DataFormatError, UsageError
+    from .models import choose_encoder, read_manifest, resolve, store_threshold
+
+    paths = paths or Paths.resolve()
+    data = load_pairs(pairs_file, split=None)
+    db_texts = load_concepts(db).texts if db else None
+    tuned = choose_encoder(model, paths)
+    manifest = read_manifest(tuned.path) or {}
+    if save_threshold and manifest.get("kind") != "encoder":
+        raise UsageError(
+            f"--save-threshold: {tuned.path} has no encoder manifest — store thresholds in a model that train-sbert"
+            " wrote (or pass --threshold to search/ask)"
+        )
+    refs = {"base": resolve(str(manifest.get("base") or DEFAULT_ENCODER), "encoder", paths)}
+    if tuned.path != refs["base"].path:
+        refs["fine-tuned"] = tuned
+    elif save_threshold:
+        raise UsageError(f"--save-threshold: {tuned.path} is a base encoder — store thresholds in a fine-tuned one")
+    reports = {name: evaluate_retrieval(Encoder(ref), data, db_texts) for name, ref in refs.items()}
+    if not save_threshold:
+        return EncoderComparison(refs, reports)
+    calibration = reports["fine-tuned"].calibration
+    if calibration is None:
+        raise DataFormatError(
+            f"--save-threshold: {pairs_file} gives no calibration — it needs questions with a 1.0 entry in the DB"
+        )
+    store_threshold(tuned.path, calibration.threshold, str(pairs_file))
+    return EncoderComparison(refs, reports, calibration.threshold)
 
 
 # ----------------------------------------------------------------------------------------------- answers
