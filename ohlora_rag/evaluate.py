@@ -254,18 +254,14 @@ def compare_encoders(
     from .config import DEFAULT_ENCODER, Paths
     from .data import load_concepts, load_pairs
     from .errors import DataFormatError, UsageError
-    from .models import choose_encoder, read_manifest, resolve, store_threshold
+    from .models import choose_encoder, read_manifest, resolve, store_threshold, trained_encoder_manifest
 
     paths = paths or Paths.resolve()
     data = load_pairs(pairs_file, split=None)
     db_texts = load_concepts(db).texts if db else None
     tuned = choose_encoder(model, paths)
-    manifest = read_manifest(tuned.path) or {}
-    if save_threshold and manifest.get("kind") != "encoder":
-        raise UsageError(
-            f"--save-threshold: {tuned.path} has no encoder manifest — store thresholds in a model that train-sbert"
-            " wrote (or pass --threshold to search/ask)"
-        )
+    # with --save-threshold, refuse a folder it cannot be stored in before measuring anything
+    manifest = trained_encoder_manifest(tuned.path) if save_threshold else read_manifest(tuned.path) or {}
     refs = {"base": resolve(str(manifest.get("base") or DEFAULT_ENCODER), "encoder", paths)}
     if tuned.path != refs["base"].path:
         refs["fine-tuned"] = tuned

@@ -6,6 +6,7 @@ fingerprint over the weight and tokenizer files, cached in `ohlora_model.json` b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -194,7 +195,8 @@ def fingerprint(folder: Path) -> str:
     value = digest.hexdigest()[:16]
     if manifest is not None:
         manifest.update(fingerprint=value, fingerprint_stats=stats)
-        _write_json(folder / MANIFEST_NAME, manifest)
+        with contextlib.suppress(OSError):  # a read-only model folder just goes without the cache
+            _write_json(folder / MANIFEST_NAME, manifest)
     return value
 
 
@@ -221,34 +223,39 @@ def write_manifest(folder: Path, **fields: object) -> dict[str, object]:
     return read_manifest(folder) or manifest
 
 
+def trained_encoder_manifest(folder: Path) -> dict[str, object]:
+    """The manifest of an encoder folder that train-sbert wrote; refused in one line for anything else."""
+    manifest = read_manifest(folder)
+    if manifest is None or manifest.get("kind") != "encoder":
+        raise UsageError(
+            f"--save-threshold: {folder} has no encoder manifest ({MANIFEST_NAME}) — store thresholds in a model "
+            "that train-sbert wrote, or pass --threshold to search/ask"
+        )
+    return manifest
+
+
 def store_threshold(folder: Path, threshold: float, calibrated_on: str) -> None:
     """Record a calibrated threshold in a trained encoder's manifest; `build-index` copies it into the next index.
 
     The folder's files are untouched, so its fingerprint (and every index built with it) stays valid.
     """
-    manifest = read_manifest(folder)
-    if manifest is None or manifest.get("kind") != "encoder":
-        raise UsageError(
-            f"--save-threshold: {folder} has no encoder manifest ({MANIFEST_NAME}) — save thresholds into a model "
-            "that train-sbert wrote, or pass --threshold to search/ask"
-        )
+    manifest = trained_encoder_manifest(folder)
     manifest.update(threshold=threshold, threshold_calibrated_on=calibrated_on)
-    tmp = folder / f"{MANIFEST_NAME}.tmp"
     try:
-        tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, folder / MANIFEST_NAME)
+        _write_json(folder / MANIFEST_NAME, manifest)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise OhloraError(f"--save-threshold: could not write {folder / MANIFEST_NAME}: {exc}") from None
 
 
 def _write_json(path: Path, data: dict[str, object]) -> None:
+    """Replace `path` atomically: a temporary file beside it, then `os.replace`; raises OSError on failure."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(tmp, path)
     except OSError:
-        tmp.unlink(missing_ok=True)  # a read-only model folder just goes without the cache
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def choose_encoder(reference: str | None, paths: Paths) -> ModelRef:
