@@ -11,10 +11,12 @@ Run: `python bench/train_sbert.py [--data PAIRS] [--valid PAIRS] [--epochs 2] [-
 Without --valid, `--holdout` (20 %) of the questions are held out (seeded by `--split-seed`). With `--paraphrases
 bench/seed_paraphrases.csv` both train on all 105 original questions and are measured on new wordings of them (the
 same entries and scores): unseen questions about trained entries, as a test set from the same source would be.
-The README's numbers: `python bench/train_sbert.py --epochs 4 --paraphrases bench/seed_paraphrases.csv` and
-`python bench/train_sbert.py --epochs 4 --holdout 0.24 --split-seed 7` (25 of the 105 original questions held out,
-about questions whose entries may have no other training question); about 21 minutes each here, 16 of them the
-bare recipe.
+Repeat `--paraphrases` for several sets: each is reported, and "all" of them together (210 questions for the two
+sets here, which halves what one question is worth). The trained models are removed at the end unless `--keep`.
+The README's numbers: `python bench/train_sbert.py --epochs 4 --paraphrases bench/seed_paraphrases.csv
+--paraphrases bench/seed_paraphrases2.csv` and `python bench/train_sbert.py --epochs 4 --holdout 0.24
+--split-seed 7` (25 of the 105 original questions held out, about questions whose entries may have no other
+training question); about 21 minutes each here, 16 of them the bare recipe.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import csv
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -100,14 +103,25 @@ def bare_recipe(train: Path, base_path: Path, out: Path, epochs: int, seed: int)
 def paraphrase_file(path: Path, paraphrases: Path, folder: Path) -> Path:
     """Held-out pairs made of new wordings: every question of `path` replaced by its paraphrase in `paraphrases`
     (index = the question's place in first-appearance order), keeping the question's entries and scores."""
+    return write_rows(folder / f"{paraphrases.stem}.csv", reworded(path, paraphrases))
+
+
+def reworded(path: Path, paraphrases: Path) -> list[dict[str, str]]:
     rows = read_rows(path)
     new = {int(r["index"]): r["paraphrase"] for r in read_rows(paraphrases)}
     order = {q: i for i, q in enumerate(dict.fromkeys(r["user_question"] for r in rows))}
     if set(new) != set(order.values()):
         raise SystemExit(f"{paraphrases}: needs one paraphrase for each of the {len(order)} questions of {path}")
-    return write_rows(
-        folder / "paraphrases.csv", [{**r, "user_question": new[order[r["user_question"]]]} for r in rows]
-    )
+    return [{**r, "user_question": new[order[r["user_question"]]]} for r in rows]
+
+
+def held_out_sets(path: Path, paraphrase_files: list[Path], folder: Path) -> dict[str, Path]:
+    """One held-out file per paraphrase set and, for several sets, "all" of them together (listed first)."""
+    sets = {p.stem: paraphrase_file(path, p, folder) for p in paraphrase_files}
+    if len(sets) > 1:
+        rows = [row for p in paraphrase_files for row in reworded(path, p)]
+        sets = {"all": write_rows(folder / "all-paraphrases.csv", rows), **sets}
+    return sets
 
 
 def overrides(items: list[str]) -> dict[str, object]:
@@ -139,7 +153,10 @@ def main() -> None:
     parser.add_argument(
         "--paraphrases",
         type=Path,
-        help="train on all of --data, measure on these rewordings of its questions (bench/seed_paraphrases.csv)",
+        action="append",
+        default=[],
+        help="train on all of --data, measure on these rewordings of its questions (bench/seed_paraphrases*.csv); "
+        "repeat for several sets",
     )
     parser.add_argument("--db", type=Path, help="DB to rank against (default: the entries of the pairs)")
     parser.add_argument("--epochs", type=int, default=2)
@@ -147,39 +164,59 @@ def main() -> None:
     parser.add_argument("--holdout", type=float, default=0.2, help="share of questions held out (without --valid)")
     parser.add_argument("--split-seed", type=int, help="seed of the held-out split (default: --seed)")
     parser.add_argument("--skip-bare", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the trained models (else the work folder is removed)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="FIELD=VALUE", help="override a SbertTrainConfig default"
     )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from ohlora_rag.config import DEFAULT_ENCODER, Paths, SbertTrainConfig
-    from ohlora_rag.data import load_concepts, load_pairs
-    from ohlora_rag.encoder import Encoder, quiet_transformers
-    from ohlora_rag.evaluate import evaluate_retrieval
-    from ohlora_rag.models import ModelRef, resolve
-    from ohlora_rag.training.sbert import train_sbert
+    from ohlora_rag.encoder import quiet_transformers
 
     quiet_transformers()
     work = Path(tempfile.mkdtemp(prefix="ohlora-bench-sbert-"))
+    try:
+        run(args, work)
+    finally:
+        if args.keep:
+            print(f"models kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    from ohlora_rag.config import DEFAULT_ENCODER, Paths, SbertTrainConfig
+    from ohlora_rag.data import load_concepts, load_pairs
+    from ohlora_rag.encoder import Encoder
+    from ohlora_rag.evaluate import RetrievalReport, evaluate_retrieval
+    from ohlora_rag.models import ModelRef, resolve
+    from ohlora_rag.training.sbert import train_sbert
+
     if args.paraphrases:
-        train, valid = args.data, paraphrase_file(args.data, args.paraphrases, work)
+        train, held = args.data, held_out_sets(args.data, args.paraphrases, work)
     elif args.valid:
-        train, valid = args.data, args.valid
+        train, held = args.data, {"valid": args.valid}
     else:
-        train, valid = split_file(
+        train, valid_file = split_file(
             args.data, args.holdout, args.seed if args.split_seed is None else args.split_seed, work
         )
+        held = {"held-out": valid_file}
+    valid = next(iter(held.values()))  # train-sbert validates (and calibrates) on the first (for several: all)
+    held_pairs = {name: load_pairs(path, split=None) for name, path in held.items()}
+    valid_pairs = held_pairs[next(iter(held))]
     paths = Paths.resolve(ROOT)
     base = resolve(DEFAULT_ENCODER, "encoder", paths)
-    valid_pairs = load_pairs(valid, split=None)
     db = load_concepts(args.db).texts if args.db else sorted(set(load_pairs(train).entries) | set(valid_pairs.entries))
     print(
         f"data {args.data.name}: train {train.name}, held-out {len(set(valid_pairs.questions))} questions; {args.epochs} epochs; DB {len(db)} entries"
     )
 
-    results = {}
-    results["base (no training)"] = (None, evaluate_retrieval(Encoder(base), valid_pairs, db))
+    def measure(model: ModelRef) -> dict[str, RetrievalReport]:
+        encoder = Encoder(model)
+        return {name: evaluate_retrieval(encoder, pairs, db) for name, pairs in held_pairs.items()}
+
+    results: dict[str, tuple[float | None, dict[str, RetrievalReport]]] = {}
+    results["base (no training)"] = (None, measure(base))
     report = train_sbert(
         SbertTrainConfig(
             data=train,
@@ -192,35 +229,32 @@ def main() -> None:
         ),
         paths,
     )
-    results["ohlora-rag train-sbert"] = (
-        report.pairs_per_second,
-        evaluate_retrieval(Encoder(ModelRef("ours", report.out)), valid_pairs, db),
-    )
+    results["ohlora-rag train-sbert"] = (report.pairs_per_second, measure(ModelRef("ours", report.out)))
     if not args.skip_bare:
         seconds, seen = bare_recipe(train, base.path, work / "bare", args.epochs, args.seed)
-        results["bare seed recipe"] = (
-            seen / seconds,
-            evaluate_retrieval(Encoder(ModelRef("bare", work / "bare" / "model")), valid_pairs, db),
-        )
+        results["bare seed recipe"] = (seen / seconds, measure(ModelRef("bare", work / "bare" / "model")))
 
     header = ["recipe", "pairs/s", "speed-up", "MSE", "MAE", "Pearson", "Spearman", "top-1", "R@1", "R@5", "MRR@10"]
-    print("  ".join(f"{h:>10}" if i else f"{h:<24}" for i, h in enumerate(header)))
+    width = 24 + max(len(f" [{name}]") for name in held) if len(held) > 1 else 24
+    print("  ".join(f"{h:>10}" if i else f"{h:<{width}}" for i, h in enumerate(header)))
     bare_speed = results.get("bare seed recipe", (None, None))[0]
-    for name, (speed, rep) in results.items():
-        r = rep.ranking
-        cells = [
-            f"{speed:.1f}" if speed else "-",
-            f"{speed / bare_speed:.2f}x" if speed and bare_speed else "-",
-            f"{rep.pairs.mse:.4f}",
-            f"{rep.pairs.mae:.4f}",
-            f"{rep.pairs.pearson:.4f}",
-            f"{rep.pairs.spearman:.4f}",
-            f"{rep.pairs.top1:.3f}",
-            f"{r.recall_at_1:.3f}" if r else "-",
-            f"{r.recall_at_5:.3f}" if r else "-",
-            f"{r.mrr_at_10:.3f}" if r else "-",
-        ]
-        print("  ".join([f"{name:<24}", *[f"{c:>10}" for c in cells]]))
+    for name, (speed, reports) in results.items():
+        for set_name, rep in reports.items():
+            r = rep.ranking
+            cells = [
+                f"{speed:.1f}" if speed else "-",
+                f"{speed / bare_speed:.2f}x" if speed and bare_speed else "-",
+                f"{rep.pairs.mse:.4f}",
+                f"{rep.pairs.mae:.4f}",
+                f"{rep.pairs.pearson:.4f}",
+                f"{rep.pairs.spearman:.4f}",
+                f"{rep.pairs.top1:.3f}",
+                f"{r.recall_at_1:.3f}" if r else "-",
+                f"{r.recall_at_5:.3f}" if r else "-",
+                f"{r.mrr_at_10:.3f}" if r else "-",
+            ]
+            label = f"{name} [{set_name}]" if len(held) > 1 else name
+            print("  ".join([f"{label:<{width}}", *[f"{c:>10}" for c in cells]]))
 
 
 if __name__ == "__main__":
