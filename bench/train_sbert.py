@@ -100,14 +100,9 @@ def bare_recipe(train: Path, base_path: Path, out: Path, epochs: int, seed: int)
     return seconds, len(pairs) * epochs
 
 
-def paraphrase_file(path: Path, paraphrases: Path, folder: Path) -> Path:
-    """Held-out pairs made of new wordings: every question of `path` replaced by its paraphrase in `paraphrases`
-    (index = the question's place in first-appearance order), keeping the question's entries and scores."""
-    return write_rows(folder / f"{paraphrases.stem}.csv", reworded(path, paraphrases))
-
-
-def reworded(path: Path, paraphrases: Path) -> list[dict[str, str]]:
-    rows = read_rows(path)
+def reworded(rows: list[dict[str, str]], path: Path, paraphrases: Path) -> list[dict[str, str]]:
+    """Held-out pairs made of new wordings: every question of `rows` (read from `path`) replaced by its paraphrase
+    in `paraphrases` (index = the question's place in first-appearance order), keeping its entries and scores."""
     new = {int(r["index"]): r["paraphrase"] for r in read_rows(paraphrases)}
     order = {q: i for i, q in enumerate(dict.fromkeys(r["user_question"] for r in rows))}
     if set(new) != set(order.values()):
@@ -117,11 +112,13 @@ def reworded(path: Path, paraphrases: Path) -> list[dict[str, str]]:
 
 def held_out_sets(path: Path, paraphrase_files: list[Path], folder: Path) -> dict[str, Path]:
     """One held-out file per paraphrase set and, for several sets, "all" of them together (listed first)."""
-    sets = {p.stem: paraphrase_file(path, p, folder) for p in paraphrase_files}
+    rows = read_rows(path)
+    sets = {p.stem: reworded(rows, path, p) for p in paraphrase_files}
+    files = {name: write_rows(folder / f"{name}.csv", held) for name, held in sets.items()}
     if len(sets) > 1:
-        rows = [row for p in paraphrase_files for row in reworded(path, p)]
-        sets = {"all": write_rows(folder / "all-paraphrases.csv", rows), **sets}
-    return sets
+        together = [row for held in sets.values() for row in held]
+        files = {"all": write_rows(folder / "all-paraphrases.csv", together), **files}
+    return files
 
 
 def overrides(items: list[str]) -> dict[str, object]:
@@ -201,9 +198,10 @@ def run(args: argparse.Namespace, work: Path) -> None:
             args.data, args.holdout, args.seed if args.split_seed is None else args.split_seed, work
         )
         held = {"held-out": valid_file}
-    valid = next(iter(held.values()))  # train-sbert validates (and calibrates) on the first (for several: all)
+    first = next(iter(held))  # train-sbert validates (and calibrates) on the first set (for several: all)
+    valid = held[first]
     held_pairs = {name: load_pairs(path, split=None) for name, path in held.items()}
-    valid_pairs = held_pairs[next(iter(held))]
+    valid_pairs = held_pairs[first]
     paths = Paths.resolve(ROOT)
     base = resolve(DEFAULT_ENCODER, "encoder", paths)
     db = load_concepts(args.db).texts if args.db else sorted(set(load_pairs(train).entries) | set(valid_pairs.entries))
