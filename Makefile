@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast lint bench clean-index
+.PHONY: install demo test test-fast lint bench clean-index tutor
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,8 +17,9 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/ohlora-rag build-index
-	$(BIN)/ohlora-rag search "What is cosine similarity?"
+	$(BIN)/ohlora-rag build-index -q
+	$(BIN)/ohlora-rag ask "What is cosine similarity?"
+	$(BIN)/ohlora-rag ask "Who won the 2030 World Cup?"
 
 test: install
 	$(PY) -m pytest -q
@@ -36,3 +37,12 @@ bench: install
 
 clean-index:
 	rm -rf index/CURRENT index/build-* index/.staging-*
+
+# Reproduce ohlora_rag/tutor/ (the trained parts that ship in the package) from the seed, in a scratch home:
+# train-sbert with the top 3 layers trainable, data/make_sft_mismatch.py, train-llm with a rank-8 adapter, export.
+tutor: install
+	H=$$(mktemp -d) && cp -r data $$H/ && \
+	$(BIN)/ohlora-rag --home $$H train-sbert --data $$H/data/sbert_train.csv --freeze-layers 9 -q && \
+	$(BIN)/ohlora-rag --home $$H train-llm --data $$H/data/sft_train.csv --data $$H/data/sft_mismatch_train.csv \
+	    --lora-r 8 --lora-alpha 16 -q && \
+	$(PY) -m ohlora_rag.importers.tutor $$H && rm -rf $$H

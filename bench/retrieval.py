@@ -5,9 +5,14 @@
     Python loop);
 (c) exact search on random 384-d vectors (100 k and 1 M rows; 1 and 64 queries): `VectorIndex.search` vs bare Faiss
     `IndexFlatIP` with default settings, numpy matmul + argmax, and the memory-read floor (matrix bytes / measured
-    read bandwidth).
+    read bandwidth);
+(d) the hybrid decision path (dense + BM25 + names, the fitted model) at 1 M rows of random vectors and synthetic
+    texts, against the dense search alone.
 
-Run: `python bench/retrieval.py [--home DIR] [--skip-encoder] [--sizes 100000,1000000]` (about 3 minutes here).
+(b) measures both decisions: the cosine threshold and the fitted model (calibrated on data/trust_calib.csv for
+data/concepts.csv, on the original pairs for the original DB).
+
+Run: `python bench/retrieval.py [--home DIR] [--skip-encoder] [--sizes 100000,1000000]` (about 5 minutes here).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SEED_DB = ROOT.parent / "shared" / "ohlora-data" / "concept_db.txt"
+SEED_PAIRS = ROOT.parent / "shared" / "ohlora-data" / "sbert_train.csv"
 
 QUESTIONS = [
     "What is cosine similarity?",
@@ -129,8 +135,11 @@ def bench_seed_method(paths: object, db_path: Path) -> None:
     from ohlora_rag.indexing import build_index
     from ohlora_rag.retriever import Retriever
 
-    build_index(IndexConfig(db=db_path, progress=False), paths)  # type: ignore[arg-type]
-    retriever = Retriever.load(SearchConfig(), paths)  # type: ignore[arg-type]
+    calibration = ROOT / "data" / "trust_calib.csv" if db_path.name == "concepts.csv" else SEED_PAIRS
+    build_index(IndexConfig(db=db_path, progress=False, calibration=calibration), paths)  # type: ignore[arg-type]
+    retriever = Retriever.load(SearchConfig(threshold=0.5), paths)  # type: ignore[arg-type]
+    hybrid = Retriever.load(SearchConfig(), paths)  # type: ignore[arg-type]
+    assert hybrid.decision is not None
     model = retriever.encoder.model
     texts = [retriever.stored.entry(i)["text"] for i in range(retriever.stored.vectors.ntotal)]
     entries = model.encode(texts, prompt_name="passage", normalize_embeddings=True)
@@ -148,14 +157,20 @@ def bench_seed_method(paths: object, db_path: Path) -> None:
     def ours(question: str) -> int:
         return retriever.search(question, 1).hits[0].position
 
+    def ours_hybrid(question: str) -> int:
+        return hybrid.search(question, 1).hits[0].position
+
     seed_s = statistics.median([timed(lambda q=q: seed(q), repeat=1, warmup=0) for q in QUESTIONS[:3]])
     ours_s = statistics.median([timed(lambda q=q: ours(q), repeat=5) for q in QUESTIONS])
+    hybrid_s = statistics.median([timed(lambda q=q: ours_hybrid(q), repeat=5) for q in QUESTIONS])
     agree = sum(seed(q) == ours(q) for q in QUESTIONS[:3])
     print(f"\n(b) per-question retrieval on {db_path.name} ({len(texts)} entries)")
     widths = [34, 12, 12, 8]
     print(row(["method", "ms/question", "", "ratio"], widths))
     print(row(["seed: encode per row + loop", f"{seed_s * 1e3:.1f}", "", "1.00x"], widths))
-    print(row(["ohlora-rag Retriever.search", f"{ours_s * 1e3:.1f}", "", f"{seed_s / ours_s:.1f}x"], widths))
+    print(row(["ohlora-rag, cosine threshold", f"{ours_s * 1e3:.1f}", "", f"{seed_s / ours_s:.1f}x"], widths))
+    print(row(["ohlora-rag, entry decision model", f"{hybrid_s * 1e3:.1f}", "", f"{seed_s / hybrid_s:.1f}x"], widths))
+    print(f"   decision model / threshold: {hybrid_s / ours_s:.2f}x")
     print(f"   same top entry on {agree}/3 questions")
 
 
@@ -213,11 +228,65 @@ def bench_search(sizes: list[int], d: int = 384, k: int = 5) -> None:
         print(f"   read bandwidth {bandwidth}")
 
 
+def bench_hybrid(n: int, d: int = 384, nq: int = 20) -> None:
+    """The decision path at n rows: random unit vectors, texts of 12 words drawn from a 50 k-word vocabulary."""
+    from ohlora_rag.decision import FEATURES, DecisionModel
+    from ohlora_rag.index import ScoreStats, StoredIndex, VectorIndex
+    from ohlora_rag.lexical import LexicalIndex
+    from ohlora_rag.retriever import Retriever
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    vocab = np.array([f"w{i}" for i in range(50_000)])
+    texts = [f"{a} {b} : " + " ".join(rest) for a, b, *rest in vocab[rng.integers(0, len(vocab), (n, 12))]]
+    start = time.perf_counter()
+    lexical = LexicalIndex.build(texts)
+    stats = ScoreStats.of(x)
+    build_s = time.perf_counter() - start
+    import pyarrow as pa
+
+    entries = pa.table({"position": np.arange(n), "id": [str(i) for i in range(n)], "text": texts})
+    stored = StoredIndex(Path("."), VectorIndex.from_vectors(x), entries, None, lexical, stats)  # type: ignore[arg-type]
+    f = len(FEATURES)
+    model = DecisionModel(coef=[1.0] * f, intercept=0.0, mean=[0.0] * f, scale=[1.0] * f, cutoff=0.5)
+
+    class _Fixed:  # the query vectors are given; the encoder is benchmarked in (a) and (b)
+        def __init__(self) -> None:
+            self.vectors = x[:1]
+
+        def encode_queries(self, _texts: list[str]) -> np.ndarray:
+            return self.vectors
+
+    fixed = _Fixed()
+    hybrid = Retriever(stored, fixed, 0.5, model)  # type: ignore[arg-type]
+    dense = Retriever(stored, fixed, 0.5)  # type: ignore[arg-type]
+    picks = rng.integers(0, n, nq)
+    questions = [" ".join(texts[i].split()[3:7]) for i in picks]
+    vectors = x[picks] + 0.02 * rng.standard_normal((nq, d), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    def run(retriever: Retriever) -> float:
+        times = []
+        for q, v in zip(questions, vectors):
+            fixed.vectors = v[None, :]
+            times.append(timed(lambda q=q, r=retriever: r.search(q, 5), repeat=3))
+        return statistics.median(times)
+
+    dense_s, hybrid_s = run(dense), run(hybrid)
+    print(f"\n(d) the entry decision at {n:,} rows (synthetic texts; BM25 + score statistics built in {build_s:.0f} s)")
+    widths = [34, 12, 8]
+    print(row(["path", "ms/question", "ratio"], widths))
+    print(row(["dense search + threshold", f"{dense_s * 1e3:.1f}", "1.00x"], widths))
+    print(row(["dense + BM25 + decision model", f"{hybrid_s * 1e3:.1f}", f"{hybrid_s / dense_s:.2f}x"], widths))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", help="home folder with models/ (default: a temporary copy-free home)")
     parser.add_argument("--skip-encoder", action="store_true", help="only run (c)")
     parser.add_argument("--sizes", default="100000,1000000")
+    parser.add_argument("--hybrid-rows", type=int, default=1_000_000, help="rows for (d); 0 skips it")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ohlora_rag.config import Paths
@@ -235,6 +304,8 @@ def main() -> None:
         bench_encode(paths, dbs)
         bench_seed_method(paths, SEED_DB if SEED_DB.exists() else dbs[0])
     bench_search([int(s) for s in args.sizes.split(",")])
+    if args.hybrid_rows:
+        bench_hybrid(args.hybrid_rows)
 
 
 if __name__ == "__main__":

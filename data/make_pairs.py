@@ -1,8 +1,12 @@
-"""Build data/sbert_train.csv and data/sbert_dev.csv from data/questions.csv and data/concepts.csv (deterministic).
+"""Build data/sbert_train.csv and data/sbert_dev.csv from data/questions.csv and data/concepts.csv (deterministic),
+plus data/questions_styles.csv (3 more training questions per entry: casual, with typos, Korean or mixed) and
+data/offtopic_train.csv (questions no entry answers: ML topics the notes lack, and unrelated ones).
 
 Scores follow the original project's graded scheme: the question's own entry 1.0, entries listed as related 0.5,
 one other entry of the same topic 0.1, entries of other topics 0.0 (two for a training question, three for a dev
-question); questions that no entry answers are paired with four random entries at 0.0. Training needs no third
+question); questions that no entry answers are paired with four random entries at 0.0 — an off-topic training
+question with its two lexically nearest entries (BM25) and two random ones, so it learns "close words, other topic"
+as well. Pairs of the files added later come after the original ones, so those stay as they were. Training needs no third
 unrelated pair: its ranking term already scores each question against every entry of its batch, and 14 % fewer pairs
 is 14 % less training time. Run: `python data/make_pairs.py`.
 """
@@ -11,22 +15,31 @@ from __future__ import annotations
 
 import csv
 import random
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
 SEED = 20260702
 
 
+def read(name: str) -> list[dict[str, str]]:
+    with (HERE / name).open(encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
 def main() -> None:
-    with (HERE / "concepts.csv").open(encoding="utf-8") as fh:
-        concepts = list(csv.DictReader(fh))
-    with (HERE / "questions.csv").open(encoding="utf-8") as fh:
-        questions = list(csv.DictReader(fh))
+    from ohlora_rag.lexical import LexicalIndex
+
+    concepts = read("concepts.csv")
+    questions = read("questions.csv") + read("questions_styles.csv")
+    offtopic = [{"concept_id": "", "question": r["question"], "split": "train"} for r in read("offtopic_train.csv")]
+    lexical = LexicalIndex.build([c["text"] for c in concepts])
     by_id = {c["id"]: c for c in concepts}
     rng = random.Random(SEED)
     unrelated = {"train": 2, "dev": 3}
     out: dict[str, list[dict[str, str]]] = {"train": [], "dev": []}
-    for q in questions:
+    for q in questions + offtopic:
         rows: list[tuple[str, float]] = []
         cid = q["concept_id"]
         if cid:
@@ -43,6 +56,10 @@ def main() -> None:
             others = [c for c in concepts if c["topic"] != own["topic"] and c["id"] not in taken]
             drawn = rng.sample(others, 3)  # always 3, so each question's draws stay as they were
             rows += [(c["text"], 0.0) for c in drawn[: unrelated[q["split"]]]]
+        elif q in offtopic:
+            near = [int(i) for i in lexical.scores(q["question"]).argsort()[::-1][:2]]
+            drawn = rng.sample([c for i, c in enumerate(concepts) if i not in near], 2)
+            rows += [(concepts[i]["text"], 0.0) for i in near] + [(c["text"], 0.0) for c in drawn]
         else:
             rows += [(c["text"], 0.0) for c in rng.sample(concepts, 4)]
         data_type = "train" if q["split"] == "train" else "valid"

@@ -103,19 +103,47 @@ def build_index_cmd(
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per encoder batch.")] = _D.index.batch_size,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibrate",
+            help="Labelled questions (question,kind,concept_id — or S-BERT pairs) to fit the entry decision on "
+            "(default: data/trust_calib.csv for data/concepts.csv).",
+        ),
+    ] = None,
+    no_calibrate: Annotated[
+        bool, typer.Option("--no-calibrate", help="Fit no decision model: search uses the cosine threshold alone.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Encode the concept DB and publish an exact inner-product Faiss index under index/."""
+    """Encode the concept DB and publish an exact inner-product Faiss index (+ BM25) under index/."""
     from .config import IndexConfig
     from .indexing import build_index
 
-    report = build_index(IndexConfig(db=db, encoder=encoder, batch_size=batch_size, progress=not quiet), _paths())
+    if calibration is not None and no_calibrate:
+        raise UsageError("--calibrate and --no-calibrate: give one of them")
+    config = IndexConfig(
+        db=db,
+        encoder=encoder,
+        batch_size=batch_size,
+        progress=not quiet,
+        calibration=calibration,
+        calibrate=not no_calibrate,
+    )
+    report = build_index(config, _paths())
     m = report.manifest
     where = "GPU" if report.on_gpu else "CPU"
     typer.echo(
         f"indexed {m.count} entries from {m.db} with {m.encoder} (dim {m.dim}, {where}) "
         f"in {report.total_seconds:.1f}s (encoding {report.encode_seconds:.1f}s) -> {report.folder}"
     )
+    if report.decision is not None:
+        d = report.decision.metrics
+        typer.echo(
+            f"entry decision fitted on {report.decision.calibrated_on}: cutoff {report.decision.cutoff:.3f}; there "
+            f"right entry {d['right']:.3f}, wrong {d['wrong']:.3f}, near-miss declined {d['near_miss_declined']:.3f}, "
+            f"unrelated declined {d['unrelated_declined']:.3f}"
+        )
 
 
 @app.command("search")
@@ -142,23 +170,26 @@ def search_cmd(
     question = check_question(question)  # before loading any model
     result = Retriever.load(config, _paths()).search(question, top_k)
     if as_json:
-        payload = {
-            "question": result.question,
-            "threshold": result.threshold,
-            "matched": result.best is not None,
-            "hits": [
-                {"id": h.id, "score": round(h.score, 6), "matched": h.matched, "text": h.text, "metadata": h.metadata}
-                for h in result.hits
-            ],
-            "seconds": round(result.seconds, 6),
-        }
-        typer.echo(json.dumps(payload, ensure_ascii=False))
+        typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
         return
     for rank, hit in enumerate(result.hits, start=1):
-        mark = "" if hit.matched else "  (below threshold)"
-        typer.echo(f"{rank}. [{hit.score:.3f}] {hit.id}{mark}\n   {hit.text}")
-    if result.best is None:
+        mark = "" if hit.matched else "  (below threshold)" if result.cutoff is None else "  (not a match)"
+        confidence = f" p={hit.confidence:.2f}" if hit.confidence is not None else ""
+        typer.echo(f"{rank}. [{hit.score:.3f}{confidence}] {hit.id}{mark}\n   {hit.text}")
+    if result.best is None and result.cutoff is None:
         typer.echo(f"no matching information: best score below the threshold {result.threshold:.2f}")
+    elif result.best is None:
+        typer.echo(f"no matching information: {_why_declined(result)}")
+
+
+def _why_declined(result: Any) -> str:
+    """Why nothing went into the prompt, in the words of the decision that was used (a SearchResult or Answer)."""
+    hits = getattr(result, "hits", None) or getattr(result, "sources", [])
+    if not hits:
+        return "the index is empty"
+    if result.cutoff is not None:
+        return f"best confidence {hits[0].confidence:.2f} < cutoff {result.cutoff:.2f} (entry decision)"
+    return f"best score {hits[0].score:.3f} < threshold {result.threshold:.2f}"
 
 
 def _print_report(name: str, report: Any) -> None:
@@ -296,12 +327,71 @@ def evaluate_retrieval_cmd(
         typer.echo(f"threshold {result.saved_threshold} saved in {path} — next: ohlora-rag build-index", err=True)
 
 
+@app.command("evaluate-trust")
+@friendly
+def evaluate_trust_cmd(
+    questions: Annotated[
+        Path,
+        typer.Option(
+            "--questions", help="Labelled test questions: question, kind (in_kb|near_miss|unrelated), concept_id."
+        ),
+    ] = Path("data/trust_test.csv"),
+    calibration: Annotated[
+        Path, typer.Option("--calibrate", help="Labelled questions to fit each decision on (never the test file).")
+    ] = Path("data/trust_calib.csv"),
+    db: Annotated[Path, typer.Option("--db", help="The concept DB the questions are labelled against.")] = Path(
+        "data/concepts.csv"
+    ),
+    model: Annotated[
+        str | None, typer.Option("--model", help="Fine-tuned encoder (default: models/sbert/ if trained).")
+    ] = None,
+    all_variants: Annotated[
+        bool, typer.Option("--variants", help="Also measure the simpler decisions (seed rule, cosine cut, BM25 ...).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Which entry, or none, goes into the prompt: right entry, wrong entry, wrongly declined, near-miss and
+    unrelated questions declined — base and fine-tuned encoder side by side (indexes built in memory)."""
+    from .evaluate import TRUST_VARIANTS, compare_trust
+
+    paths = _paths()
+    home = paths.home
+    test, calib, db = (home / p if (home / p).exists() else p for p in (questions, calibration, db))
+    if test.resolve() == calib.resolve():
+        raise UsageError("--questions and --calibrate name the same file — calibrate on questions you do not test on")
+    variants = None if all_variants else [list(TRUST_VARIANTS)[0], list(TRUST_VARIANTS)[-1]]
+    rows = compare_trust(test, calib, db, model, variants, paths)
+    if as_json:
+        typer.echo(json.dumps({"questions": str(test), "calibration": str(calib), "rows": [r.to_dict() for r in rows]}))
+        return
+    o = rows[0].outcomes
+    typer.echo(
+        f"{test}: {o.in_kb} in-KB, {o.near_miss} near-miss, {o.unrelated} unrelated questions; fitted on {calib}"
+    )
+    heads = ("right", "wrong", "declined", "near-miss", "unrelated", "R@1")
+    typer.echo(f"{'encoder':<11}{'decision':<34}" + "".join(f"{h:>10}" for h in heads) + f"{'cutoff':>9}")
+    for r in rows:
+        o = r.outcomes
+        cells = (o.right, o.wrong, o.declined, o.near_miss_declined, o.unrelated_declined, o.ranked_first)
+        cut = f"{r.cutoff:.3f}" if r.cutoff is not None else "-"
+        typer.echo(f"{r.encoder:<11}{r.decision:<34}" + "".join(f"{c:>10.3f}" for c in cells) + f"{cut:>9}")
+    typer.echo(
+        "(right/wrong/declined: shares of the in-KB questions; near-miss/unrelated: shares declined; R@1: in-KB "
+        "questions whose best-scored entry is right, before the decline decision)"
+    )
+
+
 @app.command("train-llm")
 @friendly
 def train_llm_cmd(
     data: Annotated[
-        Path, typer.Option("--data", help="SFT CSV/Parquet: user_question, rag_retrieved_data, output_message.")
-    ] = _D.llm.data,
+        list[Path],
+        typer.Option(
+            "--data",
+            help="SFT CSV/Parquet: user_question, rag_retrieved_data, output_message; repeat to train on several "
+            "files (default: data/sft_train.csv and data/sft_mismatch_train.csv).",
+        ),
+    ] = _D.llm.data,  # type: ignore[assignment]
     valid: Annotated[Path | None, typer.Option("--valid", help="Validation rows (eval loss per epoch).")] = None,
     base_llm: Annotated[
         str | None,
@@ -386,10 +476,10 @@ def _print_answer(answer: Any, streamed: bool) -> None:
     if not streamed:
         typer.echo(answer.answer)
     if answer.used:
-        typer.echo(f"\nsource [{answer.used.score:.3f}] {answer.used.id}: {answer.used.text}")
+        note = " (given to the tutor, which found it does not answer the question)" if answer.declined else ""
+        typer.echo(f"\nsource [{answer.used.score:.3f}] {answer.used.id}{note}: {answer.used.text}")
     else:
-        best = answer.sources[0].score if answer.sources else float("nan")
-        typer.echo(f"\nsource: none (best score {best:.3f} < threshold {answer.threshold:.2f})")
+        typer.echo(f"\nsource: none ({_why_declined(answer)})")
 
 
 _TopK = Annotated[int, typer.Option("--top-k", "-k", help="Entries to retrieve.")]
@@ -505,8 +595,13 @@ def chat_cmd(
 @friendly
 def evaluate_answers_cmd(
     data: Annotated[
-        Path, typer.Option("--data", help="SFT dev file: user_question, rag_retrieved_data, output_message.")
-    ] = Path("data/sft_dev.csv"),
+        list[Path],
+        typer.Option(
+            "--data",
+            help="SFT dev file(s): user_question, rag_retrieved_data, output_message; repeat for several "
+            "(default: data/sft_dev.csv).",
+        ),
+    ] = [Path("data/sft_dev.csv")],  # noqa: B006 (typer reads the default, never mutates it)
     full_pipeline: Annotated[
         bool, typer.Option("--full-pipeline", help="Start from the question alone (retrieval + threshold included).")
     ] = False,
@@ -520,12 +615,12 @@ def evaluate_answers_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Generate an answer per row: abstention accuracy on no-information rows, grounding, ROUGE-L."""
-    from .data import SftRows, load_sft
+    from .data import SftRows, load_sft_files
     from .evaluate import evaluate_answers
     from .generator import Generator, choose_llm
 
     paths = _paths()
-    rows = load_sft(data if data.is_absolute() or data.exists() else paths.home / data, split=None)
+    rows = load_sft_files([d if d.is_absolute() or d.exists() else paths.home / d for d in data], split=None)
     if limit is not None:
         rows = SftRows(rows.path, rows.questions[:limit], rows.entries[:limit], rows.answers[:limit])
     config = _ask_config(top_k, threshold, max_new_tokens, 0.0, 0, base_llm, adapter, no_adapter)
@@ -564,6 +659,8 @@ def evaluate_answers_cmd(
     )
     typer.echo(f"  abstention accuracy  {metrics.abstention_accuracy:.3f}")
     typer.echo(f"  false abstention     {metrics.false_abstention:.3f}")
+    if metrics.wrong_entry_rows:
+        typer.echo(f"  wrong entry declined {metrics.wrong_entry_declined:.3f} ({metrics.wrong_entry_rows} rows)")
     typer.echo(f"  grounding            {metrics.grounding:.3f}")
     typer.echo(f"  ROUGE-L              {metrics.rouge_l:.3f}")
     if metrics.retrieval_agreement is not None:

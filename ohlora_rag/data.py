@@ -297,6 +297,18 @@ class SftRows:
     def content_hash(self) -> str:
         return rows_hash((q, e or "", a) for q, e, a in zip(self.questions, self.entries, self.answers))
 
+    @classmethod
+    def concat(cls, parts: Sequence[SftRows]) -> SftRows:
+        """Several files' rows as one table (its path names them all, joined by '+')."""
+        if len(parts) == 1:
+            return parts[0]
+        return cls(
+            Path("+".join(str(p.path) for p in parts)),
+            [q for p in parts for q in p.questions],
+            [e for p in parts for e in p.entries],
+            [a for p in parts for a in p.answers],
+        )
+
 
 def load_sft(path: str | Path, split: str | None = "train") -> SftRows:
     """Read SFT rows: columns `user_question, rag_retrieved_data, output_message` (the original project's).
@@ -332,6 +344,14 @@ def load_sft(path: str | Path, split: str | None = "train") -> SftRows:
     return SftRows(path, questions, entries, answers)
 
 
+def load_sft_files(paths: Path | Sequence[Path], split: str | None = "train") -> SftRows:
+    """`load_sft` over one file or several, concatenated in order."""
+    files = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not files:
+        raise DataFormatError("no SFT file given — pass --data FILE")
+    return SftRows.concat([load_sft(f, split) for f in files])
+
+
 def load_questions(path: str | Path) -> list[str]:
     """A batch file for `ask --file`: one question per line, blank lines skipped."""
     path = Path(path)
@@ -341,3 +361,80 @@ def load_questions(path: str | Path) -> list[str]:
     if not lines:
         raise DataFormatError(f"{path} is empty — write one question per line")
     return lines
+
+
+LABELLED_COLUMNS = ("question", "kind", "concept_id")
+KINDS = ("in_kb", "near_miss", "unrelated")
+
+
+@dataclass
+class LabelledQuestions:
+    """Questions labelled with the entry that answers them, or none, for calibrating and measuring the decision.
+
+    `gold` holds entry ids (a `question, kind, concept_id` file) or entry texts (an S-BERT pairs file, where a
+    question's 1.0 entry is its answer); `gold_by` says which.
+    """
+
+    path: Path
+    questions: list[str]
+    kinds: list[str]  # "in_kb" | "near_miss" | "unrelated"
+    gold: list[str | None]
+    gold_by: str  # "id" | "text"
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def positions(self, db: ConceptDB) -> list[int | None]:
+        """Each question's right entry as a position in `db` (None for questions without one)."""
+        keys = db.ids if self.gold_by == "id" else db.texts
+        where = {k: i for i, k in enumerate(keys)}
+        out: list[int | None] = []
+        for number, g in enumerate(self.gold, start=1):
+            if g is not None and g not in where:
+                col = "concept_id" if self.gold_by == "id" else "rag_retrieved_data"
+                shown = g if len(g) <= 60 else g[:57] + "..."
+                raise DataFormatError(
+                    f"{self.path}: row {number}, column '{col}' names {shown!r}, which is not in the concept DB "
+                    f"{db.path} — label questions against the DB being indexed"
+                )
+            out.append(where[g] if g is not None else None)
+        return out
+
+
+def load_labelled_questions(path: str | Path) -> LabelledQuestions:
+    """Read a labelled question file: `question, kind, concept_id` (kind: in_kb, near_miss or unrelated; the
+    concept_id of an in_kb row is the id of its entry), or an S-BERT pairs file (every row is used)."""
+    path = Path(path)
+    columns = read_table(path, "labelled questions file")
+    if all(c in columns for c in PAIR_COLUMNS) and "question" not in columns:
+        pairs = load_pairs(path, split=None)
+        gold: dict[str, str | None] = {}
+        for q, e, s in zip(pairs.questions, pairs.entries, pairs.scores):
+            if s >= 1.0 and gold.get(q) is None:
+                gold[q] = e
+            else:
+                gold.setdefault(q, None)
+        kinds = ["in_kb" if g is not None else "near_miss" for g in gold.values()]
+        return LabelledQuestions(path, list(gold), kinds, list(gold.values()), "text")
+    _require_columns(path, columns, LABELLED_COLUMNS, "a labelled questions file")
+    questions: list[str] = []
+    kinds_out: list[str] = []
+    golds: list[str | None] = []
+    for i, (q, k, c) in enumerate(zip(*(columns[name] for name in LABELLED_COLUMNS)), start=1):
+        if _missing(q):
+            raise DataFormatError(f"{path}: row {i}, column 'question' is empty — fill it in or delete the row")
+        kind = str(k).strip()
+        if kind not in KINDS:
+            raise DataFormatError(f"{path}: row {i}, column 'kind' is {k!r} — use one of {', '.join(KINDS)}")
+        if kind == "in_kb" and _missing(c):
+            raise DataFormatError(f"{path}: row {i}, column 'concept_id' is empty — an in_kb row names its entry's id")
+        if kind != "in_kb" and not _missing(c):
+            raise DataFormatError(
+                f"{path}: row {i}, column 'concept_id' is {c!r} on a {kind} row — only in_kb rows name an entry"
+            )
+        questions.append(str(q).strip())
+        kinds_out.append(kind)
+        golds.append(str(c).strip() if kind == "in_kb" else None)
+    if not questions:
+        raise DataFormatError(f"{path} has no data rows — add labelled questions")
+    return LabelledQuestions(path, questions, kinds_out, golds, "id")

@@ -22,10 +22,16 @@ class Answer:
     answer: str
     used: Hit | None  # the entry put into the prompt, or None ("no matching information")
     sources: list[Hit]
-    threshold: float
+    threshold: float | None  # the cosine threshold, or None when the decision model decided (see `cutoff`)
     new_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
     guarded: bool = False  # the model's reply to a no-information prompt did not decline and was replaced
+    cutoff: float | None = None  # the decision model's probability cutoff, when it decided
+
+    @property
+    def declined(self) -> bool:
+        """The tutor said its notes do not answer this: nothing matched, or the entry given did not fit."""
+        return self.used is None or is_abstention(self.answer)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -35,13 +41,14 @@ class Answer:
             "source": {"id": self.used.id, "text": self.used.text, "score": round(self.used.score, 6)}
             if self.used
             else None,
-            "sources": [
-                {"id": h.id, "score": round(h.score, 6), "matched": h.matched, "text": h.text} for h in self.sources
-            ],
+            "sources": [{k: v for k, v in h.to_dict().items() if k != "metadata"} for h in self.sources],
             "scores": [round(h.score, 6) for h in self.sources],
+            "decision": "model" if self.cutoff is not None else "threshold",
             "threshold": self.threshold,
+            "cutoff": self.cutoff,
             "new_tokens": self.new_tokens,
             "guarded": self.guarded,
+            "declined": self.declined,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
         }
 
@@ -87,4 +94,6 @@ class QueryEngine:
             text, guarded = DECLINE, True
             if on_text:
                 on_text(f"\n[replaced: nothing in the notes matched] {DECLINE}")
-        return Answer(question, text, used, result.hits, result.threshold, generation.new_tokens, timings, guarded)
+        return Answer(
+            question, text, used, result.hits, result.threshold, generation.new_tokens, timings, guarded, result.cutoff
+        )

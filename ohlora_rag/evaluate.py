@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .data import Pairs, SftRows
+from .decision import FEATURES, Outcomes, decide, fit_decision, outcomes
 from .encoder import Encoder
 
 if TYPE_CHECKING:
@@ -279,6 +280,86 @@ def compare_encoders(
     return EncoderComparison(refs, reports, calibration.threshold)
 
 
+#: The decisions the trust report compares: name -> the features the decision model may use (None: the seed's
+#: rule, the best cosine >= 0.5). "cosine" alone with a fitted cut is a calibrated cosine threshold.
+TRUST_VARIANTS: dict[str, tuple[str, ...] | None] = {
+    "cosine >= 0.5 (seed rule)": None,
+    "cosine, calibrated cut": ("cosine",),
+    "cosine + margin + z-score": ("cosine", "top_gap", "margin", "z", "cos_max", "z_max"),
+    "BM25 alone": ("bm25", "bm25_share", "bm25_top"),
+    "dense + BM25": ("cosine", "top_gap", "margin", "z", "cos_max", "z_max", "bm25", "bm25_share", "bm25_top"),
+    "dense + BM25 + names (default)": FEATURES,
+}
+
+
+@dataclass
+class TrustRow:
+    """One encoder x decision on the trust test set."""
+
+    encoder: str
+    decision: str
+    outcomes: Outcomes
+    cutoff: float | None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"encoder": self.encoder, "decision": self.decision, "cutoff": self.cutoff, **asdict(self.outcomes)}
+
+
+def encoder_refs(model: str | None, paths: Paths) -> dict[str, ModelRef]:
+    """ "base", and "fine-tuned" when `model` (else models/sbert/) is another encoder than its base."""
+    from .config import DEFAULT_ENCODER
+    from .models import choose_encoder, read_manifest, resolve
+
+    tuned = choose_encoder(model, paths)
+    manifest = read_manifest(tuned.path) or {}
+    refs = {"base": resolve(str(manifest.get("base") or DEFAULT_ENCODER), "encoder", paths)}
+    if tuned.path != refs["base"].path:
+        refs["fine-tuned"] = tuned
+    return refs
+
+
+def compare_trust(
+    test_file: Path,
+    calibration: Path,
+    db: Path,
+    model: str | None = None,
+    variants: Sequence[str] | None = None,
+    paths: Paths | None = None,
+) -> list[TrustRow]:
+    """Which entry, or none, each decision puts into the prompt for the questions of `test_file`, fitted on
+    `calibration` — for the base encoder and the fine-tuned one (`model`, else models/sbert/ when trained).
+
+    Nothing on disk changes: each encoder's index is built in memory.
+    """
+    from .config import FALLBACK_THRESHOLD, Paths
+    from .data import load_concepts, load_labelled_questions
+    from .indexing import in_memory_index
+    from .retriever import Retriever
+
+    paths = paths or Paths.resolve()
+    concepts = load_concepts(db)
+    test, calib = load_labelled_questions(test_file), load_labelled_questions(calibration)
+    test_gold, calib_gold = test.positions(concepts), calib.positions(concepts)
+    names = list(variants) if variants else list(TRUST_VARIANTS)
+    rows = []
+    for name, ref in encoder_refs(model, paths).items():
+        encoder = Encoder(ref)
+        stored = in_memory_index(concepts, encoder, 64, False)
+        retriever = Retriever(stored, encoder, FALLBACK_THRESHOLD)
+        calib_sig = retriever.signals(calib.questions, encoder.encode_queries(calib.questions))
+        test_sig = retriever.signals(test.questions, encoder.encode_queries(test.questions))
+        for variant in names:
+            use = TRUST_VARIANTS[variant]
+            if use is None:
+                ranked = [int(s.positions[0]) for s in test_sig]
+                chosen = [r if s.cosine[0] >= FALLBACK_THRESHOLD else None for r, s in zip(ranked, test_sig)]
+                rows.append(TrustRow(name, variant, outcomes(chosen, test_gold, test.kinds, ranked), None))
+                continue
+            fitted = fit_decision(calib_sig, calib_gold, calib.kinds, str(calibration), use=use)
+            rows.append(TrustRow(name, variant, decide(fitted, test_sig, test_gold, test.kinds), fitted.cutoff))
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------- answers
 
 _ABSTAIN_PHRASES = (
@@ -446,14 +527,16 @@ class AnswerMetrics:
     """How generated answers compare with the reference rows."""
 
     abstention_accuracy: float  # no-information rows answered with an abstention
-    false_abstention: float  # rows with an entry answered with an abstention
-    grounding: float  # rows with an entry whose answer names the concept and uses its explanation
+    false_abstention: float  # rows whose entry answers the question, answered with an abstention
+    grounding: float  # rows whose entry answers the question, answered naming the concept and using its explanation
     rouge_l: float  # mean ROUGE-L F1 against the reference answers
     retrieval_agreement: float | None  # full pipeline: share of rows whose retrieval decision matched the row
     rows: int
     no_info_rows: int
     seconds_per_answer: float
     examples: list[dict[str, object]]
+    wrong_entry_declined: float = float("nan")  # rows given an entry that does not answer (reference declines)
+    wrong_entry_rows: int = 0
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -467,6 +550,9 @@ def evaluate_answers(
 ) -> AnswerMetrics:
     """Generate an answer per row and score it.
 
+    A row with an entry whose reference answer declines (`is_abstention`) is a wrong-entry row: the entry does not
+    answer the question, and the model should say so.
+
     Args:
         generate: (question, entry or None) -> answer text.
         rows: question, gold entry (None = no information), reference answer.
@@ -475,7 +561,7 @@ def evaluate_answers(
     """
     import time
 
-    abstain_ok = abstain_n = false_abs = grounded = with_entry = agree = 0
+    abstain_ok = abstain_n = false_abs = grounded = with_entry = agree = wrong_ok = wrong_n = 0
     rouge_sum = 0.0
     kept: list[dict[str, object]] = []
     start = time.perf_counter()
@@ -488,6 +574,9 @@ def evaluate_answers(
         if gold is None:
             abstain_n += 1
             abstain_ok += int(is_abstention(answer))
+        elif is_abstention(ref):
+            wrong_n += 1
+            wrong_ok += int(is_abstention(answer))
         else:
             with_entry += 1
             false_abs += int(is_abstention(answer))
@@ -505,4 +594,6 @@ def evaluate_answers(
         no_info_rows=abstain_n,
         seconds_per_answer=(time.perf_counter() - start) / max(n, 1),
         examples=kept,
+        wrong_entry_declined=wrong_ok / wrong_n if wrong_n else float("nan"),
+        wrong_entry_rows=wrong_n,
     )

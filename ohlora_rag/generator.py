@@ -52,6 +52,8 @@ def choose_llm(
             base, None, template or "auto", f"--no-adapter: answering with the base model {base.reference}"
         )
     adapter_dir = Path(adapter) if adapter else paths.llm_dir
+    if not adapter and not (adapter_dir / "adapter_config.json").is_file() and base_llm in (None, DEFAULT_LLM):
+        adapter_dir = shipped_adapter() or adapter_dir  # the tutor's trained adapter, shipped with the package
     if not (adapter_dir / "adapter_config.json").is_file():
         if adapter:
             raise ModelNotFoundError(
@@ -78,6 +80,14 @@ def choose_llm(
             f"{base.reference} (fingerprint {base.fingerprint}) — pass the same --base-llm or retrain with `ohlora-rag train-llm`"
         )
     return LLMChoice(base, adapter_dir, template or str(manifest.get("template") or "auto"))
+
+
+def shipped_adapter() -> Path | None:
+    """The LoRA adapter that ships in the package (ohlora_rag/tutor/adapter), if this install has it."""
+    from .importers.tutor import ADAPTER_DIR, TUTOR_DIR
+
+    folder = TUTOR_DIR / ADAPTER_DIR
+    return folder if (folder / "adapter_config.json").is_file() else None
 
 
 class Generator:

@@ -18,12 +18,14 @@ from typing import Any
 import numpy as np
 
 from .errors import IndexNotFoundError, OhloraError
+from .lexical import LEXICAL_DIR, LexicalIndex
 
 FORMAT_VERSION = 1
 POINTER = "CURRENT"
 FAISS_FILE = "faiss.index"
 ENTRIES_FILE = "entries.parquet"
 MANIFEST_FILE = "manifest.json"
+STATS_FILE = "score_stats.npz"
 
 # Search tuning, measured by bench/retrieval.py on 2 cores (1 M x 384):
 # - one query: Faiss's scan is memory-bound and its OpenMP split of a single query costs ~3x; one thread reads
@@ -50,6 +52,10 @@ class Manifest:
     metric: str = "inner_product"
     normalized: bool = True
     threshold: float | None = None
+    decision: dict[str, Any] | None = None
+    """The fitted entry decision (decision.DecisionModel as a dict); None means the cosine threshold alone."""
+    lexical: bool = False
+    """The build holds a BM25 index of the entries and the entries' score statistics (hybrid retrieval)."""
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
@@ -111,6 +117,13 @@ class VectorIndex:
     @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)
+
+    def vectors_at(self, positions: np.ndarray) -> np.ndarray:
+        """The stored vectors of some rows: float32 (len(positions), d)."""
+        ids = np.ascontiguousarray(positions, dtype=np.int64)
+        if len(ids) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return np.asarray(self.index.reconstruct_batch(ids), dtype=np.float32)
 
     def add(self, vectors: np.ndarray) -> None:
         self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
@@ -176,6 +189,38 @@ class VectorIndex:
 
 
 @dataclass
+class ScoreStats:
+    """Mean vector and covariance of the entry vectors: a question's mean cosine over the whole DB is q.mean and
+    its variance q^T cov q, exact and O(d^2) whatever the DB size."""
+
+    mean: np.ndarray  # float64 (d,)
+    cov: np.ndarray  # float64 (d, d)
+
+    @classmethod
+    def of(cls, vectors: np.ndarray) -> ScoreStats:
+        """Args: vectors: float32 (n, d)."""
+        v = vectors.astype(np.float64)
+        mean = v.mean(axis=0)
+        centred = v - mean
+        return cls(mean, centred.T @ centred / max(len(v), 1))
+
+    def mu_sigma(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per query (nq, d): mean and standard deviation of its cosines to every entry, each (nq,)."""
+        q = queries.astype(np.float64)
+        var = np.einsum("nd,de,ne->n", q, self.cov, q)
+        return q @ self.mean, np.sqrt(np.maximum(var, 0.0))
+
+    def save(self, path: Path) -> None:
+        with path.open("wb") as fh:
+            np.savez(fh, mean=self.mean, cov=self.cov)
+
+    @classmethod
+    def load(cls, path: Path) -> ScoreStats:
+        with np.load(path) as data:
+            return cls(data["mean"], data["cov"])
+
+
+@dataclass
 class StoredIndex:
     """A loaded index folder: vectors, entries table and manifest."""
 
@@ -183,6 +228,8 @@ class StoredIndex:
     vectors: VectorIndex
     entries: Any  # pyarrow.Table: position, id, text, metadata...
     manifest: Manifest
+    lexical: LexicalIndex | None = None
+    stats: ScoreStats | None = None
 
     def entry(self, position: int) -> dict[str, Any]:
         return {name: self.entries.column(name)[position].as_py() for name in self.entries.column_names}
@@ -216,7 +263,9 @@ def load_index(index_dir: Path) -> StoredIndex:
     try:
         vectors = VectorIndex.load(build / FAISS_FILE)
         entries = pq.read_table(build / ENTRIES_FILE)
-    except (RuntimeError, OSError, pa.ArrowException) as exc:
+        lexical = LexicalIndex.load(build) if manifest.lexical else None
+        stats = ScoreStats.load(build / STATS_FILE) if manifest.lexical else None
+    except (RuntimeError, OSError, ValueError, KeyError, pa.ArrowException) as exc:
         raise IndexNotFoundError(
             f"index at {index_dir} is damaged ({str(exc).splitlines()[0]}) — run `ohlora-rag build-index`"
         ) from None
@@ -225,10 +274,17 @@ def load_index(index_dir: Path) -> StoredIndex:
             f"index at {index_dir} is inconsistent (manifest {manifest.count} entries, Faiss {vectors.ntotal}, "
             f"table {entries.num_rows}) — run `ohlora-rag build-index`"
         )
-    return StoredIndex(build, vectors, entries, manifest)
+    return StoredIndex(build, vectors, entries, manifest, lexical, stats)
 
 
-def write_index(index_dir: Path, vectors: VectorIndex, entries: Any, manifest: Manifest) -> Path:
+def write_index(
+    index_dir: Path,
+    vectors: VectorIndex,
+    entries: Any,
+    manifest: Manifest,
+    lexical: LexicalIndex | None = None,
+    stats: ScoreStats | None = None,
+) -> Path:
     """Write a complete build folder, then publish it by atomically replacing `CURRENT`.
 
     Older builds are removed only after the new one is published.
@@ -246,10 +302,15 @@ def write_index(index_dir: Path, vectors: VectorIndex, entries: Any, manifest: M
     try:
         vectors.save(staging / FAISS_FILE)
         pq.write_table(entries, staging / ENTRIES_FILE)
+        names = [FAISS_FILE, ENTRIES_FILE, MANIFEST_FILE]
+        if lexical is not None and stats is not None:
+            lexical.save(staging)
+            stats.save(staging / STATS_FILE)
+            names += [STATS_FILE, *(f"{LEXICAL_DIR}/{p.name}" for p in (staging / LEXICAL_DIR).iterdir())]
         (staging / MANIFEST_FILE).write_text(
             json.dumps(asdict(manifest), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
-        for name in (FAISS_FILE, ENTRIES_FILE, MANIFEST_FILE):
+        for name in names:
             _fsync(staging / name)
         os.replace(staging, build)
         pointer_tmp = index_dir / f".{POINTER}.tmp-{os.getpid()}"

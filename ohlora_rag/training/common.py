@@ -30,4 +30,8 @@ def quiet_model_card(model: Any) -> None:
 
 def config_record(config: Any) -> dict[str, Any]:
     """A training config dataclass as JSON-ready values (paths as strings) for the output's manifest."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+
+    def plain(v: Any) -> Any:
+        return str(v) if isinstance(v, Path) else [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return {k: plain(v) for k, v in asdict(config).items()}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DEFAULT_LLM, LlmTrainConfig, Paths
-from ..data import SftRows, load_sft
+from ..data import SftRows, load_sft, load_sft_files
 from ..device import native_bf16, torch_device
 from ..encoder import quiet_transformers
 from ..errors import OhloraError, UsageError
@@ -107,7 +107,7 @@ def train_llm(config: LlmTrainConfig, paths: Paths | None = None) -> LlmTrainRep
 
     paths = paths or Paths.resolve()
     out = Path(config.out) if config.out else paths.llm_dir
-    rows = load_sft(config.data, split="train")
+    rows = load_sft_files(config.data, split="train")
     valid = load_sft(config.valid, split=None) if config.valid else None
     base = resolve(config.base_llm or DEFAULT_LLM, "llm", paths)
     checkpoints = out.parent / f"{out.name}.checkpoints"
@@ -199,7 +199,7 @@ def train_llm(config: LlmTrainConfig, paths: Paths | None = None) -> LlmTrainRep
             base=base.reference,
             base_fingerprint=base.fingerprint,
             template=builder.template,
-            data=str(config.data),
+            data=str(rows.path),
             data_hash=rows.content_hash,
             seed=config.seed,
             rows=len(rows),

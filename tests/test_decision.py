@@ -1,0 +1,274 @@
+"""The entry decision: BM25 with Hangul, score statistics, candidate features, fitting, and the CLI around them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ohlora_rag.cli import app
+from ohlora_rag.data import load_labelled_questions
+from ohlora_rag.decision import FEATURES, DecisionModel, Signals, fit_decision, outcomes
+from ohlora_rag.errors import DataFormatError
+from ohlora_rag.index import ScoreStats
+from ohlora_rag.lexical import LexicalIndex, entry_names, tokenize
+
+runner = CliRunner()
+
+
+def test_tokenize_words_and_hangul_bigrams() -> None:
+    assert tokenize("What is the F1-score of the classes?") == ["f1", "score", "classe"]
+    assert tokenize("코사인 유사도가") == ["코사인", "코사", "사인", "유사도가", "유사", "사도", "도가"]
+    assert tokenize("🤖🤖 ?!") == []
+
+
+def test_entry_names_split_aliases() -> None:
+    assert entry_names("F1 score (F1, F-measure) : the harmonic mean") == [["f1", "score"], ["f1"], ["f", "measure"]]
+    assert entry_names("no name separator here") == []
+
+
+def test_bm25_ranks_shared_words_and_matches_korean_stems(tmp_path: Path) -> None:
+    texts = [
+        "precision : true positives over predicted positives",
+        "코사인 유사도 : 두 벡터 사이의 각도",
+        "dropout : zeroes units",
+    ]
+    index = LexicalIndex.build(texts)
+    assert int(np.argmax(index.scores("how do predicted positives work"))) == 0
+    assert int(np.argmax(index.scores("코사인 유사도가 뭐야?"))) == 1  # "유사도가" meets "유사도" through its bigrams
+    assert index.scores("zzz qqq").tolist() == [0.0, 0.0, 0.0]
+    index.save(tmp_path)
+    again = LexicalIndex.load(tmp_path)
+    np.testing.assert_array_equal(again.scores("dropout units"), index.scores("dropout units"))
+
+
+def test_score_stats_equal_the_full_distribution() -> None:
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((50, 8)).astype(np.float32)
+    q = rng.standard_normal((3, 8)).astype(np.float32)
+    mu, sigma = ScoreStats.of(v).mu_sigma(q)
+    full = q.astype(np.float64) @ v.astype(np.float64).T  # (3, 50)
+    np.testing.assert_allclose(mu, full.mean(axis=1), rtol=1e-9)
+    np.testing.assert_allclose(sigma, full.std(axis=1), rtol=1e-9)
+
+
+def test_features_of_a_candidate_list() -> None:
+    s = Signals(
+        positions=np.array([4, 7, 9]),
+        cosine=np.array([0.9, 0.8, 0.5]),
+        bm25=np.array([0.0, 3.0, 1.5]),
+        name=np.array([1.0, 0.0, 0.5]),
+        mu=0.5,
+        sigma=0.1,
+        bm25_max=3.0,
+    )
+    f = s.features()
+    col = {name: f[:, i] for i, name in enumerate(FEATURES)}
+    np.testing.assert_allclose(col["top_gap"], [0.0, -0.1, -0.4])
+    np.testing.assert_allclose(col["margin"], [0.1, -0.1, -0.4])
+    np.testing.assert_allclose(col["z"], [4.0, 3.0, 0.0])
+    np.testing.assert_allclose(col["z_max"], [4.0, 4.0, 4.0])
+    np.testing.assert_allclose(col["bm25_share"], [0.0, 1.0, 0.5])
+    np.testing.assert_array_equal(col["bm25_top"], [0.0, 1.0, 0.0])
+    np.testing.assert_allclose(col["bm25"], np.log1p([0.0, 3.0, 1.5]))
+
+
+def test_outcomes_count_each_kind() -> None:
+    o = outcomes(
+        [1, 2, None, None, 5, None], [1, 3, 4, None, None, None], ["in_kb"] * 3 + ["near_miss"] * 2 + ["unrelated"]
+    )
+    assert (o.right, o.wrong, o.declined) == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+    assert (o.near_miss_declined, o.unrelated_declined) == (0.5, 1.0)
+    assert (o.in_kb, o.near_miss, o.unrelated) == (3, 2, 1)
+
+
+def _synthetic(n: int, seed: int) -> tuple[list[Signals], list[int | None], list[str]]:
+    """In-KB questions whose right entry stands out; off-topic ones where nothing does."""
+    rng = np.random.default_rng(seed)
+    signals, gold, kinds = [], [], []
+    for i in range(n):
+        cos = rng.uniform(0.70, 0.78, 5)
+        if i % 2 == 0:
+            cos[0] = rng.uniform(0.86, 0.92)
+            gold.append(100 + i)
+            kinds.append("in_kb")
+        else:
+            gold.append(None)
+            kinds.append("near_miss" if i % 4 == 1 else "unrelated")
+        order = np.argsort(-cos)
+        positions = np.array([100 + i, 1, 2, 3, 4])[order]
+        signals.append(Signals(positions, cos[order], np.zeros(5), np.zeros(5), 0.7, 0.03, 0.0))
+    return signals, gold, kinds
+
+
+def test_fit_decision_separates_and_round_trips() -> None:
+    signals, gold, kinds = _synthetic(80, 0)
+    model = fit_decision(signals, gold, kinds, "synthetic.csv")
+    assert model.metrics["right"] == 1.0 and model.metrics["near_miss_declined"] == 1.0
+    assert 0.0 < model.cutoff < 1.0
+    test_signals, test_gold, test_kinds = _synthetic(40, 1)
+    from ohlora_rag.decision import decide
+
+    o = decide(model, test_signals, test_gold, test_kinds)
+    assert o.right == 1.0 and o.wrong == 0.0 and o.unrelated_declined == 1.0
+    again = DecisionModel.from_dict(json.loads(json.dumps(model.to_dict())), "x")
+    f = test_signals[0].features()
+    np.testing.assert_allclose(again.probability(f), model.probability(f))
+
+
+def test_fit_decision_with_a_subset_gives_other_features_no_weight() -> None:
+    signals, gold, kinds = _synthetic(40, 2)
+    model = fit_decision(signals, gold, kinds, "s.csv", use=("cosine",))
+    assert [c != 0 for c in model.coef] == [name == "cosine" for name in FEATURES]
+
+
+def test_fit_decision_refuses_labels_without_positives() -> None:
+    signals, _, kinds = _synthetic(10, 3)
+    with pytest.raises(DataFormatError, match=re.escape("s.csv: calibration needs questions whose right entry")):
+        fit_decision(signals, [None] * 10, kinds, "s.csv")
+
+
+def test_decision_model_of_another_version_is_refused() -> None:
+    signals, gold, kinds = _synthetic(20, 4)
+    data = fit_decision(signals, gold, kinds, "s.csv").to_dict()
+    data["version"] = 99
+    with pytest.raises(DataFormatError, match=re.escape("m.json: decision model of another version (99)")):
+        DecisionModel.from_dict(data, "m.json")
+
+
+def _write(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def test_labelled_questions_from_trust_and_pairs_files(tmp_path: Path) -> None:
+    trust = _write(
+        tmp_path / "t.csv", ["question", "kind", "concept_id"], [["q1", "in_kb", "precision"], ["q2", "unrelated", ""]]
+    )
+    got = load_labelled_questions(trust)
+    assert (got.questions, got.kinds, got.gold, got.gold_by) == (
+        ["q1", "q2"],
+        ["in_kb", "unrelated"],
+        ["precision", None],
+        "id",
+    )
+    pairs = _write(
+        tmp_path / "p.csv",
+        ["user_question", "rag_retrieved_data", "similarity_score"],
+        [["a", "entry one", "1.0"], ["a", "entry two", "0.0"], ["b", "entry two", "0.1"]],
+    )
+    got = load_labelled_questions(pairs)
+    assert (got.questions, got.kinds, got.gold, got.gold_by) == (
+        ["a", "b"],
+        ["in_kb", "near_miss"],
+        ["entry one", None],
+        "text",
+    )
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([["q", "maybe", ""]], "row 1, column 'kind' is 'maybe' — use one of in_kb, near_miss, unrelated"),
+        ([["q", "in_kb", ""]], "row 1, column 'concept_id' is empty — an in_kb row names its entry's id"),
+        ([["q", "unrelated", "precision"]], "row 1, column 'concept_id' is 'precision' on a unrelated row"),
+        ([["", "unrelated", ""]], "row 1, column 'question' is empty"),
+    ],
+)
+def test_bad_labelled_rows(tmp_path: Path, rows: list[list[str]], message: str) -> None:
+    path = _write(tmp_path / "bad.csv", ["question", "kind", "concept_id"], rows)
+    with pytest.raises(DataFormatError, match=re.escape(message)):
+        load_labelled_questions(path)
+
+
+CALIB = [
+    ["what is precision", "in_kb", "precision"],
+    ["true positives over predicted positives", "in_kb", "precision"],
+    ["what is recall", "in_kb", "recall"],
+    ["few misses over actual positives", "in_kb", "recall"],
+    ["explain dropout", "in_kb", "dropout"],
+    ["randomly zeroes units", "in_kb", "dropout"],
+    ["what is lora", "in_kb", "lora"],
+    ["what is adam", "in_kb", "adam"],
+    ["cosine similarity angle", "in_kb", "cosine-similarity"],
+    ["who won the cup", "unrelated", ""],
+    ["bake bread", "unrelated", ""],
+    ["what is a gan", "near_miss", ""],
+]
+
+
+def test_build_index_fits_the_decision_and_search_uses_it(home: Path) -> None:
+    _write(home / "data" / "trust_calib.csv", ["question", "kind", "concept_id"], CALIB)
+    built = runner.invoke(app, ["build-index", "-q"])
+    assert built.exit_code == 0, built.output
+    assert "entry decision fitted on" in built.stdout
+    manifest = json.loads(
+        (home / "index" / (home / "index" / "CURRENT").read_text().strip() / "manifest.json").read_text()
+    )
+    assert manifest["lexical"] is True and manifest["decision"]["features"] == list(FEATURES)
+    found = runner.invoke(app, ["search", "precision : true positives over predicted positives", "--json"])
+    assert found.exit_code == 0, found.output
+    payload = json.loads(found.stdout)
+    assert payload["decision"] == "model" and payload["threshold"] is None
+    assert payload["cutoff"] == manifest["decision"]["cutoff"]
+    probs = [h["confidence"] for h in payload["hits"]]
+    assert probs == sorted(probs, reverse=True) and all(0.0 <= p <= 1.0 for p in probs)
+    # --threshold keeps its meaning: the best cosine against that number, no model
+    plain = json.loads(runner.invoke(app, ["search", "what is dropout", "--threshold", "0.5", "--json"]).stdout)
+    assert plain["decision"] == "threshold" and plain["threshold"] == 0.5 and "confidence" not in plain["hits"][0]
+
+
+def test_no_calibrate_keeps_the_threshold(home: Path) -> None:
+    _write(home / "data" / "trust_calib.csv", ["question", "kind", "concept_id"], CALIB)
+    assert runner.invoke(app, ["build-index", "-q", "--no-calibrate"]).exit_code == 0
+    payload = json.loads(runner.invoke(app, ["search", "what is dropout", "--json"]).stdout)
+    assert payload["decision"] == "threshold" and payload["threshold"] == 0.5
+
+
+def test_calibration_naming_an_unknown_entry_fails_before_encoding(home: Path, tmp_path: Path) -> None:
+    assert runner.invoke(app, ["build-index", "-q", "--no-calibrate"]).exit_code == 0
+    before = (home / "index" / "CURRENT").read_text()
+    bad = _write(tmp_path / "calib.csv", ["question", "kind", "concept_id"], [["what is xgboost", "in_kb", "xgboost"]])
+    result = runner.invoke(app, ["build-index", "-q", "--calibrate", str(bad)])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        f"error: {bad}: row 1, column 'concept_id' names 'xgboost', which is not in the concept DB "
+        f"{home / 'data' / 'concepts.csv'} — label questions against the DB being indexed"
+    )
+    assert (home / "index" / "CURRENT").read_text() == before
+
+
+def test_calibrate_and_no_calibrate_conflict(home: Path) -> None:
+    result = runner.invoke(app, ["build-index", "--calibrate", "x.csv", "--no-calibrate"])
+    assert result.exit_code == 2 and "--calibrate and --no-calibrate: give one of them" in result.stderr
+
+
+def test_evaluate_trust_reports_each_decision(home: Path) -> None:
+    _write(home / "data" / "trust_calib.csv", ["question", "kind", "concept_id"], CALIB)
+    _write(home / "data" / "trust_test.csv", ["question", "kind", "concept_id"], CALIB[::-1])
+    tiny = home / "models" / "sbert"
+    (tiny / "ohlora_model.json").write_text(json.dumps({"kind": "encoder", "base": str(tiny)}))
+    result = runner.invoke(app, ["evaluate-trust", "--model", str(tiny), "--json", "--variants"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    # the tiny encoder is its own base here: one encoder, every variant
+    assert [r["decision"] for r in rows][0] == "cosine >= 0.5 (seed rule)" and len(rows) == 6
+    for r in rows:
+        assert r["right"] + r["wrong"] + r["declined"] == pytest.approx(1.0)
+        assert (r["in_kb"], r["near_miss"], r["unrelated"]) == (9, 1, 2)
+
+
+def test_evaluate_trust_refuses_testing_on_the_calibration_file(home: Path) -> None:
+    _write(home / "data" / "trust_calib.csv", ["question", "kind", "concept_id"], CALIB)
+    calib = str(home / "data" / "trust_calib.csv")
+    result = runner.invoke(app, ["evaluate-trust", "--questions", calib, "--calibrate", calib])
+    assert result.exit_code == 2
+    assert "--questions and --calibrate name the same file" in result.stderr
