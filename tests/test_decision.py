@@ -272,3 +272,30 @@ def test_evaluate_trust_refuses_testing_on_the_calibration_file(home: Path) -> N
     result = runner.invoke(app, ["evaluate-trust", "--questions", calib, "--calibrate", calib])
     assert result.exit_code == 2
     assert "--questions and --calibrate name the same file" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["build-index", "-q", "--calibrate", "missing.csv"], "labelled questions file missing.csv not found"),
+        (["build-index", "-q", "--calibrate", "{pairs_like}"], "missing column 'kind', 'concept_id'"),
+        (["evaluate-trust", "--questions", "missing.csv"], "labelled questions file missing.csv not found"),
+        (["train-llm", "--data", "{sft}", "--data", "missing.csv"], "SFT file missing.csv not found"),
+        (["evaluate-answers", "--data", "missing.csv"], "missing.csv not found — check the path"),
+    ],
+)
+def test_bad_files_for_the_new_options(home: Path, args: list[str], message: str) -> None:
+    _write(home / "data" / "trust_calib.csv", ["question", "kind", "concept_id"], CALIB)
+    assert runner.invoke(app, ["build-index", "-q"]).exit_code == 0
+    current = (home / "index" / "CURRENT").read_text()
+    files = {
+        "pairs_like": str(_write(home / "q.csv", ["question", "answer"], [["a", "b"]])),
+        "sft": str(
+            _write(home / "s.csv", ["user_question", "rag_retrieved_data", "output_message"], [["q", "", "no"]])
+        ),
+    }
+    result = runner.invoke(app, [a.format(**files) for a in args])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert (home / "index" / "CURRENT").read_text() == current

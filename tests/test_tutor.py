@@ -60,7 +60,7 @@ def test_export_then_convert_reproduces_the_trained_encoder(tiny_sbert: Path, tm
 
 
 def test_export_refuses_folders_that_training_did_not_write(tiny_sbert: Path, tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="must be a train-sbert output"):
+    with pytest.raises(UsageError, match="is not a train-sbert output"):
         export(tiny_sbert, tmp_path, tiny_sbert, tmp_path / "out")
 
 

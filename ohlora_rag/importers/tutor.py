@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 from ..errors import ModelImportError, UsageError
 
@@ -55,56 +54,66 @@ def convert_encoder(top_file: Path, out_dir: Path, base_dir: Path) -> dict[str, 
     return {"base": record.get("base"), "threshold": record.get("threshold"), "made_by": record.get("made_by")}
 
 
-def export(encoder_dir: Path, adapter_dir: Path, base_encoder_dir: Path, out: Path = TUTOR_DIR) -> dict[str, Any]:
-    """Write the shipped parts from a trained encoder and adapter.
+def export_encoder(encoder_dir: Path, base_encoder_dir: Path, out: Path = TUTOR_DIR) -> None:
+    """Write the tensors a `train-sbert` run changed (float16) and its settings and manifest into `out`.
 
     Args:
         encoder_dir: a `train-sbert` output (fine-tuned from multilingual-e5-small).
-        adapter_dir: a `train-llm` output (LoRA adapter on smollm2-135m-instruct).
-        base_encoder_dir: the converted multilingual-e5-small folder the encoder was trained from.
+        base_encoder_dir: the converted multilingual-e5-small folder it was trained from.
         out: where to write (default: the package's `tutor/` folder).
-
-    Returns:
-        Sizes in bytes of what was written, by file.
     """
     import torch
     from safetensors.torch import load_file, save_file
 
     from ..models import read_manifest
 
-    enc_manifest = read_manifest(encoder_dir) or {}
-    llm_manifest = read_manifest(adapter_dir) or {}
-    if enc_manifest.get("kind") != "encoder" or llm_manifest.get("kind") != "llm-adapter":
-        raise UsageError(f"export: {encoder_dir} must be a train-sbert output and {adapter_dir} a train-llm output")
+    manifest = read_manifest(encoder_dir) or {}
+    if manifest.get("kind") != "encoder":
+        raise UsageError(f"export: {encoder_dir} is not a train-sbert output (no encoder manifest)")
     tuned = load_file(str(encoder_dir / "model.safetensors"))
     base = load_file(str(base_encoder_dir / "model.safetensors"))
     changed = {k: v.to(torch.float16).contiguous() for k, v in tuned.items() if not torch.equal(v, base[k])}
     out.mkdir(parents=True, exist_ok=True)
     save_file(changed, str(out / ENCODER_FILE), metadata={"format": "pt"})
     settings = {n: json.loads((encoder_dir / n).read_text(encoding="utf-8")) for n in _SETTINGS}
-    enc_keep = ("base", "data", "data_hash", "seed", "threshold", "config", "metrics")
-    record = {"made_by": "ohlora-rag train-sbert", **{k: enc_manifest.get(k) for k in enc_keep}}
+    keep = ("base", "data", "data_hash", "seed", "threshold", "config", "metrics")
+    record = {"made_by": "ohlora-rag train-sbert", **{k: manifest.get(k) for k in keep}}
     (out / ENCODER_MANIFEST).write_text(
         json.dumps({**record, "tensors": sorted(changed), "settings": settings}, indent=2, ensure_ascii=False) + "\n",
         encoding="utf-8",
     )
-    adapter_out = out / ADAPTER_DIR
-    shutil.rmtree(adapter_out, ignore_errors=True)
-    adapter_out.mkdir()
+
+
+def export_adapter(adapter_dir: Path, out: Path = TUTOR_DIR) -> None:
+    """Write a `train-llm` adapter (float16), its config and a manifest into `out`/adapter."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ..models import read_manifest
+
+    manifest = read_manifest(adapter_dir) or {}
+    if manifest.get("kind") != "llm-adapter":
+        raise UsageError(f"export: {adapter_dir} is not a train-llm output (no adapter manifest)")
+    target = out / ADAPTER_DIR
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
     lora = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    save_file(
-        {k: v.to(torch.float16).contiguous() for k, v in lora.items()}, str(adapter_out / "adapter_model.safetensors")
-    )
-    shutil.copy2(adapter_dir / "adapter_config.json", adapter_out / "adapter_config.json")
+    half = {k: v.to(torch.float16).contiguous() for k, v in lora.items()}
+    save_file(half, str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
+    shutil.copy2(adapter_dir / "adapter_config.json", target / "adapter_config.json")
     keep = ("base", "template", "data", "data_hash", "seed", "rows", "train_loss", "eval_loss", "config")
-    adapter_record = {
-        "kind": "llm-adapter",
-        "made_by": "ohlora-rag train-llm",
-        **{k: llm_manifest.get(k) for k in keep},
-    }
-    (adapter_out / "ohlora_model.json").write_text(
-        json.dumps(adapter_record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    record = {"kind": "llm-adapter", "made_by": "ohlora-rag train-llm", **{k: manifest.get(k) for k in keep}}
+    (target / "ohlora_model.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def export(encoder_dir: Path, adapter_dir: Path, base_encoder_dir: Path, out: Path = TUTOR_DIR) -> dict[str, int]:
+    """Both parts: `export_encoder` and `export_adapter`.
+
+    Returns:
+        Sizes in bytes of what was written, by file.
+    """
+    export_encoder(encoder_dir, base_encoder_dir, out)
+    export_adapter(adapter_dir, out)
     return {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
 
 
