@@ -172,9 +172,15 @@ def loading(ref: ModelRef, kind: str) -> Iterator[None]:
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if len(detail) > 200:
             detail = detail[:197] + "..."
+        named = Path(ref.reference).expanduser()
+        where = (
+            str(ref.path)
+            if named.exists() and named.resolve() == ref.path.resolve()
+            else f"{ref.reference} ({ref.path})"
+        )
         raise ModelNotFoundError(
-            f"model {ref.reference}: the {kind} in {ref.path} does not load ({type(exc).__name__}: {detail}) — point "
-            "at a complete Hugging Face / sentence-transformers model folder, or retrain it"
+            f"{kind} {where} does not load ({type(exc).__name__}: {detail}) — point at a complete Hugging Face / "
+            "sentence-transformers model folder, or retrain it"
         ) from exc
 
 

@@ -220,7 +220,7 @@ def test_chat_reports_a_line_that_is_not_utf8_and_goes_on(scripted: Path) -> Non
 
 @pytest.mark.parametrize(
     ("config", "message"),
-    [('{"foo": 1}', "the LLM in"), ("{broken", "config.json is not readable JSON")],
+    [('{"foo": 1}', "does not load (ValueError"), ("{broken", "config.json is not readable JSON")],
 )
 def test_broken_base_llm_is_one_line(home: Path, tiny_lm: Path, tmp_path: Path, config: str, message: str) -> None:
     from tests.conftest import broken_model

@@ -220,6 +220,8 @@ def test_broken_encoder_folder_is_one_line(home: Path, tmp_path: Path, config: s
 
     broken = broken_model(home / "models" / "sbert", tmp_path / "broken", config)
     _one_line_error(invoke("build-index", "--encoder", str(broken), "-q"), 1, message)
+    # its base is measured first: name the tiny one, or the built-in base would be converted (slow)
+    (broken / "ohlora_model.json").write_text(json.dumps({"base": str(home / "models" / "sbert")}), encoding="utf-8")
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("user_question,rag_retrieved_data,similarity_score\nq,e,1.0\n", encoding="utf-8")
     _one_line_error(invoke("evaluate-retrieval", "--pairs", str(pairs), "--model", str(broken)), 1, message)
