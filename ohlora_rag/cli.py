@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
+import io
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from .config import Defaults, Paths
 from .errors import OhloraError, UsageError
+
+
+def _flags_without_type(params: list[Any]) -> list[Any]:
+    """A flag takes no value: --help shows no `<bool>` type beside it."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
+
 
 app = typer.Typer(
     name="ohlora-rag",
@@ -21,6 +44,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Group,
 )
 
 _D = Defaults()
@@ -89,7 +113,7 @@ def main(
     _State.home = home
 
 
-@app.command("build-index")
+@app.command("build-index", cls=_Command)
 @friendly
 def build_index_cmd(
     db: Annotated[
@@ -146,7 +170,7 @@ def build_index_cmd(
         )
 
 
-@app.command("search")
+@app.command("search", cls=_Command)
 @friendly
 def search_cmd(
     question: Annotated[str, typer.Argument(help="The question.")],
@@ -219,19 +243,24 @@ _REPORT_HEADER = f"{'model':<28}" + "".join(
 )
 
 
-@app.command("train-sbert")
+@app.command("train-sbert", cls=_Command)
 @friendly
 def train_sbert_cmd(
     data: Annotated[
-        Path, typer.Option("--data", help="Pairs CSV/Parquet: user_question, rag_retrieved_data, similarity_score.")
-    ] = _D.sbert.data,
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Pairs CSV/Parquet: user_question, rag_retrieved_data, similarity_score "
+            f"(default: {_D.sbert.data} under --home).",
+        ),
+    ] = None,
     valid: Annotated[
         Path | None, typer.Option("--valid", help="Validation pairs (default: a seeded 10 % split by question).")
     ] = None,
     base: Annotated[
         str | None, typer.Option("--base", help="Encoder to start from (default: multilingual-e5-small).")
     ] = None,
-    epochs: Annotated[int, typer.Option("--epochs")] = _D.sbert.epochs,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training pairs.")] = _D.sbert.epochs,
     batch_size: Annotated[
         int, typer.Option("--batch-size", help="Pairs per step (hybrid: whole questions up to this many pairs).")
     ] = _D.sbert.batch_size,
@@ -246,8 +275,12 @@ def train_sbert_cmd(
     ranking_weight: Annotated[
         float, typer.Option("--ranking-weight", help="hybrid: weight of the ranking term (0 = cosine only).")
     ] = _D.sbert.ranking_weight,
-    seed: Annotated[int, typer.Option("--seed")] = _D.sbert.seed,
-    max_seq_length: Annotated[int, typer.Option("--max-seq-length")] = _D.sbert.max_seq_length,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed for the validation split, shuffling and initialisation.")
+    ] = _D.sbert.seed,
+    max_seq_length: Annotated[
+        int, typer.Option("--max-seq-length", help="Longest input in tokens; longer texts are truncated.")
+    ] = _D.sbert.max_seq_length,
     train_embeddings: Annotated[
         bool, typer.Option("--train-embeddings", help="Also update the word-embedding matrix (slow on CPU).")
     ] = False,
@@ -255,6 +288,10 @@ def train_sbert_cmd(
         int, typer.Option("--freeze-layers", help="Keep the lowest N transformer layers fixed.")
     ] = _D.sbert.freeze_layers,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+    keep_checkpoints: Annotated[
+        bool,
+        typer.Option("--keep-checkpoints", help="Keep <out>.checkpoints/ after a successful run (removed by default)."),
+    ] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: models/sbert).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -262,8 +299,9 @@ def train_sbert_cmd(
     from .config import SbertTrainConfig
     from .training.sbert import train_sbert
 
+    paths = _paths()
     config = SbertTrainConfig(
-        data=data,
+        data=data if data is not None else paths.home / _D.sbert.data,
         valid=valid,
         base=base,
         epochs=epochs,
@@ -276,10 +314,11 @@ def train_sbert_cmd(
         freeze_embeddings=not train_embeddings,
         freeze_layers=freeze_layers,
         resume=resume,
+        keep_checkpoints=keep_checkpoints,
         out=out,
         progress=not quiet,
     )
-    result = train_sbert(config, _paths())
+    result = train_sbert(config, paths)
     typer.echo(
         f"trained on {result.train_pairs} pairs ({result.steps} steps, {result.pairs_per_second:.1f} pairs/s, "
         f"{result.seconds:.0f}s); validated on {result.valid_pairs} pairs -> {result.out}"
@@ -289,7 +328,7 @@ def train_sbert_cmd(
     typer.echo("next: ohlora-rag build-index")
 
 
-@app.command("evaluate-retrieval")
+@app.command("evaluate-retrieval", cls=_Command)
 @friendly
 def evaluate_retrieval_cmd(
     pairs: Annotated[Path, typer.Option("--pairs", help="Pairs CSV/Parquet to measure on (all rows are used).")],
@@ -327,7 +366,7 @@ def evaluate_retrieval_cmd(
         typer.echo(f"threshold {result.saved_threshold} saved in {path} — next: ohlora-rag build-index", err=True)
 
 
-@app.command("evaluate-trust")
+@app.command("evaluate-trust", cls=_Command)
 @friendly
 def evaluate_trust_cmd(
     questions: Annotated[
@@ -381,17 +420,17 @@ def evaluate_trust_cmd(
     )
 
 
-@app.command("train-llm")
+@app.command("train-llm", cls=_Command)
 @friendly
 def train_llm_cmd(
     data: Annotated[
-        list[Path],
+        list[Path] | None,
         typer.Option(
             "--data",
             help="SFT CSV/Parquet: user_question, rag_retrieved_data, output_message; repeat to train on several "
-            "files (default: data/sft_train.csv and data/sft_mismatch_train.csv).",
+            "files (default: data/sft_train.csv and data/sft_mismatch_train.csv under --home).",
         ),
-    ] = _D.llm.data,  # type: ignore[assignment]
+    ] = None,
     valid: Annotated[Path | None, typer.Option("--valid", help="Validation rows (eval loss per epoch).")] = None,
     base_llm: Annotated[
         str | None,
@@ -400,16 +439,20 @@ def train_llm_cmd(
     template: Annotated[
         str, typer.Option("--template", help="auto | chat | plain | seed (the original Korean format).")
     ] = _D.llm.template,
-    epochs: Annotated[int, typer.Option("--epochs")] = _D.llm.epochs,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = _D.llm.batch_size,
-    lora_r: Annotated[int, typer.Option("--lora-r")] = _D.llm.lora_r,
-    lora_alpha: Annotated[int, typer.Option("--lora-alpha")] = _D.llm.lora_alpha,
-    lora_dropout: Annotated[float, typer.Option("--lora-dropout")] = _D.llm.lora_dropout,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training rows.")] = _D.llm.epochs,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per training step.")] = _D.llm.batch_size,
+    lora_r: Annotated[int, typer.Option("--lora-r", help="LoRA rank of each adapted projection.")] = _D.llm.lora_r,
+    lora_alpha: Annotated[
+        int, typer.Option("--lora-alpha", help="LoRA scaling: the update is multiplied by alpha / r.")
+    ] = _D.llm.lora_alpha,
+    lora_dropout: Annotated[
+        float, typer.Option("--lora-dropout", help="Dropout on the LoRA input, in [0, 1).")
+    ] = _D.llm.lora_dropout,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = _D.llm.learning_rate,
     max_length: Annotated[
         int, typer.Option("--max-length", help="Longest prompt + answer in tokens.")
     ] = _D.llm.max_length,
-    seed: Annotated[int, typer.Option("--seed")] = _D.llm.seed,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for shuffling and the LoRA initialisation.")] = _D.llm.seed,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
     merge: Annotated[bool, typer.Option("--merge", help="Also write the merged model into <out>/merged.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: models/llm).")] = None,
@@ -419,8 +462,9 @@ def train_llm_cmd(
     from .config import LlmTrainConfig
     from .training.llm import train_llm
 
+    paths = _paths()
     config = LlmTrainConfig(
-        data=data,
+        data=data or [paths.home / d for d in _D.llm.data],  # type: ignore[union-attr]
         valid=valid,
         base_llm=base_llm,
         template=template,
@@ -437,7 +481,7 @@ def train_llm_cmd(
         out=out,
         progress=not quiet,
     )
-    r = train_llm(config, _paths())
+    r = train_llm(config, paths)
     losses = f"train loss {r.train_loss:.3f}" if r.train_loss is not None else ""
     if r.eval_loss is not None:
         losses += f", eval loss {r.eval_loss:.3f}"
@@ -501,7 +545,7 @@ _NoGuard = Annotated[
 ]
 
 
-@app.command("ask")
+@app.command("ask", cls=_Command)
 @friendly
 def ask_cmd(
     question: Annotated[str | None, typer.Argument(help="The question (or use --file).")] = None,
@@ -512,9 +556,12 @@ def ask_cmd(
     top_k: _TopK = _D.ask.top_k,
     threshold: _Threshold = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object: answer, sources, scores, timings.")
+        bool,
+        typer.Option("--json", help="Print one JSON object: answer, sources, scores, timings (turns --stream off)."),
     ] = False,
-    stream: Annotated[bool, typer.Option("--stream", help="Print the answer as it is generated.")] = False,
+    stream: Annotated[
+        bool, typer.Option("--stream", help="Print the answer as it is generated (not with --json).")
+    ] = False,
     max_new_tokens: _MaxNew = _D.ask.max_new_tokens,
     temperature: _Temp = _D.ask.temperature,
     seed: _Seed = _D.ask.seed,
@@ -532,6 +579,8 @@ def ask_cmd(
         raise UsageError("give a question or --file FILE (one question per line), not both")
     config = _ask_config(top_k, threshold, max_new_tokens, temperature, seed, base_llm, adapter, no_adapter, no_guard)
     questions = [check_question(question)] if question is not None else load_questions(file)  # type: ignore[arg-type]
+    if out is not None:
+        _check_out(out)  # before minutes of model loading
     engine = QueryEngine.load(config, _paths())
     if engine.notice:
         typer.echo(f"notice: {engine.notice}", err=True)
@@ -557,7 +606,18 @@ def ask_cmd(
     _print_answer(answer, streamed=on_text is not None)
 
 
-@app.command("chat")
+def _check_out(out: Path) -> None:
+    """`--out` must name a file that can be created in an existing, writable folder."""
+    folder = out.parent
+    if out.is_dir():
+        raise UsageError(f"--out {out}: is a folder — name a file, e.g. {out / 'answers.jsonl'}")
+    if not folder.is_dir():
+        raise UsageError(f"--out {out}: the folder {folder} does not exist — create it or choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise UsageError(f"--out {out}: not writable — choose a path you can write to")
+
+
+@app.command("chat", cls=_Command)
 @friendly
 def chat_cmd(
     top_k: _TopK = _D.ask.top_k,
@@ -572,12 +632,16 @@ def chat_cmd(
 ) -> None:
     """Ask questions in a loop (models loaded once). An empty line, 'exit' or Ctrl-D ends it."""
     from .engine import QueryEngine
+    from .retriever import check_question
 
     config = _ask_config(top_k, threshold, max_new_tokens, temperature, seed, base_llm, adapter, no_adapter, no_guard)
     engine = QueryEngine.load(config, _paths())
     if engine.notice:
         typer.echo(f"notice: {engine.notice}", err=True)
     typer.echo("Oh-LoRA ML tutor — ask a machine-learning question (empty line or 'exit' to quit).")
+    with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+        # Bytes that are not UTF-8 arrive as lone surrogates instead of ending the loop with UnicodeDecodeError.
+        sys.stdin.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
     while True:
         try:
             question = input("\nyou> ").strip()
@@ -585,23 +649,31 @@ def chat_cmd(
             break
         if not question or question.lower() in {"exit", "quit"}:
             break
+        try:
+            question = check_question(question)
+        except UsageError as exc:  # one bad line, not the end of the conversation
+            typer.echo(f"error: {exc}", err=True)
+            continue
         typer.echo("tutor> ", nl=False)
         answer = engine.ask(question, on_text=lambda piece: typer.echo(piece, nl=False))
         typer.echo()
         _print_answer(answer, streamed=True)
 
 
-@app.command("evaluate-answers")
+_EVAL_DATA = Path("data/sft_dev.csv")
+
+
+@app.command("evaluate-answers", cls=_Command)
 @friendly
 def evaluate_answers_cmd(
     data: Annotated[
-        list[Path],
+        list[Path] | None,
         typer.Option(
             "--data",
             help="SFT dev file(s): user_question, rag_retrieved_data, output_message; repeat for several "
-            "(default: data/sft_dev.csv).",
+            "(default: data/sft_dev.csv under --home).",
         ),
-    ] = [Path("data/sft_dev.csv")],  # noqa: B006 (typer reads the default, never mutates it)
+    ] = None,
     full_pipeline: Annotated[
         bool, typer.Option("--full-pipeline", help="Start from the question alone (retrieval + threshold included).")
     ] = False,
@@ -620,7 +692,10 @@ def evaluate_answers_cmd(
     from .generator import Generator, choose_llm
 
     paths = _paths()
-    rows = load_sft_files([d if d.is_absolute() or d.exists() else paths.home / d for d in data], split=None)
+    files = (
+        [d if d.is_absolute() or d.exists() else paths.home / d for d in data] if data else [paths.home / _EVAL_DATA]
+    )
+    rows = load_sft_files(files, split=None)
     if limit is not None:
         rows = SftRows(rows.path, rows.questions[:limit], rows.entries[:limit], rows.answers[:limit])
     config = _ask_config(top_k, threshold, max_new_tokens, 0.0, 0, base_llm, adapter, no_adapter)

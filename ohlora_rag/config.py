@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import UsageError
@@ -21,6 +22,25 @@ DEFAULT_LLM = "smollm2-135m-instruct"
 
 #: Cosine threshold used when neither the command line nor a calibrated manifest gives one (the seed's value).
 FALLBACK_THRESHOLD = 0.5
+
+#: Longest concept DB entry, in characters: the encoder reads the first few hundred tokens, and the answering LLM's
+#: whole prompt has to hold the entry (the project's longest is under 1,000).
+MAX_ENTRY_CHARS = 20_000
+
+
+def check_finite(config: object, flags: dict[str, str] | None = None) -> None:
+    """Refuse a float setting that is NaN or infinite (every comparison with NaN is False, so range checks alone
+    let it through).
+
+    Args:
+        config: a settings dataclass.
+        flags: field name -> the option that sets it, where it is not `--field-name`.
+    """
+    for f in fields(config):  # type: ignore[arg-type]
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            flag = (flags or {}).get(f.name, "--" + f.name.replace("_", "-"))
+            raise UsageError(f"{flag} {value}: must be a finite number")
 
 
 @dataclass(frozen=True)
@@ -92,6 +112,7 @@ class IndexConfig:
     """Fit the entry decision when a calibration file is given or found; False keeps the cosine threshold alone."""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.batch_size < 1:
             raise UsageError(f"--batch-size {self.batch_size}: must be at least 1")
 
@@ -108,6 +129,7 @@ class SearchConfig:
     """Encoder to query with; None means the one that would build the index (models/sbert/ or the base)."""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.top_k < 1:
             raise UsageError(f"--top-k {self.top_k}: must be at least 1")
         if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
@@ -152,11 +174,14 @@ class SbertTrainConfig:
     valid_fraction: float = 0.1
     resume: bool = False
     """Continue from the last checkpoint in <out>.checkpoints/."""
+    keep_checkpoints: bool = False
+    """Keep <out>.checkpoints/ after a successful run (it is removed otherwise; a failed run always keeps it)."""
     out: Path | None = None
     """Output folder; None means models/sbert under the home folder."""
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_finite(self, {"learning_rate": "--lr", "valid_fraction": "valid fraction"})
         if self.epochs < 1:
             raise UsageError(f"--epochs {self.epochs}: must be at least 1")
         if self.batch_size < 2:
@@ -208,6 +233,7 @@ class LlmTrainConfig:
     def __post_init__(self) -> None:
         from .prompt import TEMPLATES
 
+        check_finite(self, {"learning_rate": "--lr"})
         for name in ("epochs", "batch_size", "lora_r", "lora_alpha", "max_length"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
@@ -244,6 +270,7 @@ class AskConfig:
     a small model can still invent an answer, and without an entry there is nothing to ground it."""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         SearchConfig(top_k=self.top_k, threshold=self.threshold)  # same checks as search
         if self.max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens {self.max_new_tokens}: must be at least 1")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import MAX_ENTRY_CHARS
 from .errors import DataFormatError
 
 SUPPORTED = (".txt", ".csv", ".parquet")
@@ -75,6 +76,17 @@ def _missing(value: Any) -> bool:
     )
 
 
+def _check_header(path: Path, names: Sequence[str]) -> None:
+    """Refuse a column name that appears twice: {column: values} would keep one of them silently."""
+    first: dict[str, int] = {}
+    for number, name in enumerate(names, start=1):
+        if name in first:
+            raise DataFormatError(
+                f"{path}: columns {first[name]} and {number} are both named {name!r} — rename or delete one of them"
+            )
+        first[name] = number
+
+
 def read_table(path: Path, what: str) -> dict[str, list[Any]]:
     """Read a .csv or .parquet file into {column: values}; every failure is a one-line DataFormatError."""
     path = Path(path)
@@ -86,10 +98,11 @@ def read_table(path: Path, what: str) -> dict[str, list[Any]]:
         import pyarrow.parquet as pq
 
         try:
+            _check_header(path, pq.read_schema(path).names)
             table = pq.read_table(path)
         except (pa.ArrowException, OSError) as exc:
             raise DataFormatError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
-        return {name: table.column(name).to_pylist() for name in table.column_names}
+        return {name: table.column(i).to_pylist() for i, name in enumerate(table.column_names)}
     if suffix == ".csv":
         import csv
         import io
@@ -102,6 +115,7 @@ def read_table(path: Path, what: str) -> dict[str, list[Any]]:
         except csv.Error as exc:
             raise DataFormatError(f"{path}: not valid CSV ({exc})") from None
         header = [h.strip() for h in rows[0]]
+        _check_header(path, header)
         body = [r for r in rows[1:] if r]
         columns: dict[str, list[Any]] = {h: [] for h in header}
         for number, row in enumerate(body, start=1):
@@ -132,7 +146,9 @@ def load_concepts(path: str | Path) -> ConceptDB:
         )
     if path.suffix.lower() == ".txt":
         text = _decode(path)
-        lines = text.splitlines()
+        # Lines end at \n or \r\n only: str.splitlines would also cut at form feeds, U+2028 and other separators
+        # that can sit inside an entry.
+        lines = [line.removesuffix("\r") for line in text.split("\n")]
         while lines and not lines[-1].strip():
             lines.pop()
         if not lines:
@@ -141,6 +157,7 @@ def load_concepts(path: str | Path) -> ConceptDB:
             if not line.strip():
                 raise DataFormatError(f"{path}: line {number} is empty — delete it or write an entry there")
         texts = [line.strip() for line in lines]
+        _check_lengths(path, texts, "line")
         ids = [str(i) for i in range(len(texts))]
         _check_duplicates(path, texts, "line")
         return ConceptDB(path, ids, texts, {})
@@ -162,6 +179,7 @@ def load_concepts(path: str | Path) -> ConceptDB:
                 f"{path}: row {number}, column 'text' is {type(value).__name__}, not text — store the entries as strings"
             )
     texts = [v.strip() for v in values]
+    _check_lengths(path, texts, "row")
     _check_duplicates(path, texts, "row")
     if "id" in columns:
         raw_ids = columns.pop("id")
@@ -178,6 +196,16 @@ def load_concepts(path: str | Path) -> ConceptDB:
         name: [None if _missing(v) else v for v in vals] for name, vals in columns.items() if name != "position"
     }
     return ConceptDB(path, ids, texts, metadata)
+
+
+def _check_lengths(path: Path, texts: Sequence[str], unit: str) -> None:
+    for number, text in enumerate(texts, start=1):
+        if len(text) > MAX_ENTRY_CHARS:
+            col = "" if unit == "line" else ", column 'text',"
+            raise DataFormatError(
+                f"{path}: {unit} {number}{col} is {len(text):,} characters long, over the limit of "
+                f"{MAX_ENTRY_CHARS:,} — split it into several entries"
+            )
 
 
 def _check_duplicates(path: Path, values: Sequence[str], unit: str, column: str = "text") -> None:

@@ -115,6 +115,18 @@ class DecisionModel:
             raise DataFormatError(
                 f"{where}: decision model of another version ({model.version}) — run `ohlora-rag build-index`"
             )
+
+        def number(x: Any) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        vectors = (model.coef, model.mean, model.scale)
+        if not all(isinstance(v, list) and len(v) == len(FEATURES) and all(map(number, v)) for v in vectors) or not (
+            number(model.intercept) and number(model.cutoff)
+        ):
+            raise DataFormatError(
+                f"{where}: unreadable decision model (its weights are not {len(FEATURES)} finite numbers each) — run "
+                "`ohlora-rag build-index`"
+            )
         return model
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from .device import torch_device
-from .models import ModelRef
+from .models import ModelRef, loading
 
 
 def quiet_transformers() -> None:
@@ -36,9 +36,12 @@ class Encoder:
 
         quiet_transformers()
         self.ref = ref
-        self.model: Any = SentenceTransformer(str(ref.path), device=device or torch_device(), local_files_only=True)
-        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        self.dim = int(get_dim())
+        with loading(ref, "encoder"):
+            self.model: Any = SentenceTransformer(str(ref.path), device=device or torch_device(), local_files_only=True)
+            get_dim = (
+                getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+            )
+            self.dim = int(get_dim())
 
     @property
     def fingerprint(self) -> str:

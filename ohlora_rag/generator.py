@@ -11,7 +11,7 @@ from typing import Any
 
 from .config import DEFAULT_LLM, Paths
 from .errors import ModelNotFoundError
-from .models import ModelRef, read_manifest, resolve
+from .models import ModelRef, check_json_files, loading, read_manifest, resolve
 from .prompt import PromptBuilder
 
 
@@ -63,12 +63,13 @@ def choose_llm(
         notice = f"no trained adapter in {adapter_dir} — answering with the base model {base.reference} (run `ohlora-rag train-llm`)"
         return LLMChoice(base, None, template or "auto", notice)
     # Ours carry a manifest (base, its fingerprint, template); a plain PEFT adapter names its base in its config.
+    check_json_files(adapter_dir, ("adapter_config.json",))
     manifest = read_manifest(adapter_dir) or {}
     if not manifest:
         import json
 
         peft_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8") or "{}")
-        manifest = {"base": peft_config.get("base_model_name_or_path")}
+        manifest = {"base": peft_config.get("base_model_name_or_path") if isinstance(peft_config, dict) else None}
     base_ref = base_llm or manifest.get("base")
     if not base_ref:
         raise ModelNotFoundError(f"the adapter in {adapter_dir} does not name its base model — pass --base-llm")
@@ -104,13 +105,16 @@ class Generator:
         self.choice = choice
         self.device = device or torch_device()
         source = choice.adapter if choice.adapter and (choice.adapter / "tokenizer.json").exists() else choice.base.path
-        self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(choice.base.path, dtype=torch.float32, local_files_only=True)
+        with loading(ModelRef(str(source), Path(source)), "LLM tokenizer"):
+            self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        with loading(choice.base, "LLM"):
+            model = AutoModelForCausalLM.from_pretrained(choice.base.path, dtype=torch.float32, local_files_only=True)
         if choice.adapter is not None:
             from peft import PeftModel
 
             # Merged once at load: generation then costs exactly what the bare model costs.
-            model = PeftModel.from_pretrained(model, str(choice.adapter)).merge_and_unload()
+            with loading(ModelRef(str(choice.adapter), choice.adapter), "LoRA adapter"):
+                model = PeftModel.from_pretrained(model, str(choice.adapter)).merge_and_unload()
         self.model = model.to(self.device).eval()
         self.prompts = PromptBuilder.create(self.tokenizer, choice.template)
 

@@ -1,17 +1,24 @@
 """The Faiss store: an exact inner-product index over L2-normalised vectors, its entries and its manifest.
 
 On disk an index is a folder holding `CURRENT` (the name of the active build) and one `build-*` folder per build
-with `faiss.index`, `entries.parquet` and `manifest.json`. A build is written completely into a fresh folder and
-only then published by atomically replacing `CURRENT`, so a failed or killed build leaves the previous index loadable.
+with `faiss.index`, `entries.parquet`, `score_stats.npz`, `bm25/` and `manifest.json`. A build is written completely
+into a fresh staging folder and only then published by atomically replacing `CURRENT`, so a failed or killed build
+leaves the previous index loadable. Publishing (rename, `CURRENT`, removing older builds) holds the lock file
+`index/.lock`, so concurrent builds take turns and never remove the published build or each other's staging
+folders; a reader whose build was removed under it reads `CURRENT` once more. The manifest records every file's size
+and sha256; loading checks them, so a damaged build is refused, not served.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +26,22 @@ import numpy as np
 
 from .errors import IndexNotFoundError, OhloraError
 from .lexical import LEXICAL_DIR, LexicalIndex
+from .locks import abandoned, publish_lock
 
 FORMAT_VERSION = 1
 POINTER = "CURRENT"
+LOCK_FILE = ".lock"
 FAISS_FILE = "faiss.index"
 ENTRIES_FILE = "entries.parquet"
 MANIFEST_FILE = "manifest.json"
 STATS_FILE = "score_stats.npz"
+#: What `CURRENT` may hold: a build folder's plain name (no path separators; ".." is refused separately).
+_BUILD_NAME = re.compile(r"build-[A-Za-z0-9._-]{1,200}")
+#: Files up to this size are checked against their sha256 at every load (the project's 160 x 384 index: ~1.5 MB, ~1 ms);
+#: larger ones by size only, so loading a million-row index does not read it twice.
+HASH_UP_TO_BYTES = 128 * 2**20
+#: A cosine between unit vectors lies in [-1, 1]; float32 rounding stays far inside this slack.
+COSINE_LIMIT = 1.001
 
 # Search tuning, measured by bench/retrieval.py on 2 cores (1 M x 384):
 # - one query: Faiss's scan is memory-bound and its OpenMP split of a single query costs ~3x; one thread reads
@@ -56,18 +72,54 @@ class Manifest:
     """The fitted entry decision (decision.DecisionModel as a dict); None means the cosine threshold alone."""
     lexical: bool = False
     """The build holds a BM25 index of the entries and the entries' score statistics (hybrid retrieval)."""
+    files: dict[str, dict[str, Any]] | None = None
+    """Every file of the build but the manifest: relative name -> {"size": bytes, "sha256": hex}. None in builds
+    made before checksums were recorded (loaded unchecked)."""
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     @classmethod
     def read(cls, path: Path) -> Manifest:
+        """Read and type-check a build's manifest; anything unreadable is the one-line "damaged" error."""
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return cls(**data)
+            if not isinstance(data, dict):
+                raise TypeError(f"a JSON {type(data).__name__}, not an object")
+            manifest = cls(**data)
+            for name, kinds in _MANIFEST_TYPES.items():
+                value = getattr(manifest, name)
+                if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                    raise TypeError(f"field {name!r} is {type(value).__name__}")
+            return manifest
         except (OSError, ValueError, TypeError) as exc:
-            raise IndexNotFoundError(
-                f"{path}: unreadable index manifest ({exc}) — run `ohlora-rag build-index`"
-            ) from None
+            raise _damaged(path.parent.parent, f"{path.parent.name}/{path.name}: {_first_line(exc)}") from None
+
+
+_MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
+    "encoder": (str,),
+    "encoder_fingerprint": (str,),
+    "dim": (int,),
+    "count": (int,),
+    "corpus_hash": (str,),
+    "db": (str,),
+    "faiss_version": (str,),
+    "metric": (str,),
+    "normalized": (bool,),
+    "threshold": (int, float, type(None)),
+    "decision": (dict, type(None)),
+    "lexical": (bool,),
+    "files": (dict, type(None)),
+    "format_version": (int,),
+    "created": (str,),
+}
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _damaged(index_dir: Path, detail: str) -> IndexNotFoundError:
+    return IndexNotFoundError(f"index at {index_dir} is damaged ({detail}) — run `ohlora-rag build-index`")
 
 
 def _faiss() -> Any:
@@ -234,47 +286,159 @@ class StoredIndex:
     def entry(self, position: int) -> dict[str, Any]:
         return {name: self.entries.column(name)[position].as_py() for name in self.entries.column_names}
 
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`VectorIndex.search` that refuses cosines no pair of unit vectors can have (a damaged index).
 
-def active_build(index_dir: Path) -> Path:
-    """The folder of the published build, or IndexNotFoundError saying how to make one."""
+        Args:
+            queries: float32 (nq, d), rows of unit length.
+            k: hits per query.
+
+        Returns:
+            scores float32 (nq, k) and positions int64 (nq, k), best first.
+        """
+        scores, positions = self.vectors.search(queries, k)
+        self.check_cosines(scores[positions >= 0])
+        return scores, positions
+
+    def check_cosines(self, scores: np.ndarray) -> None:
+        """Raise the "damaged" error when a score lies outside [-COSINE_LIMIT, COSINE_LIMIT] or is not a number."""
+        bad = ~((scores >= -COSINE_LIMIT) & (scores <= COSINE_LIMIT))
+        if bad.any():
+            value = float(np.asarray(scores)[bad].flat[0])
+            raise _damaged(self.folder.parent, f"a search returned the cosine {value:.6g}, outside [-1, 1]")
+
+
+def _read_pointer(index_dir: Path) -> str:
+    """The build name in `CURRENT`: a plain `build-...` folder name, or the one-line "damaged" error."""
     pointer = index_dir / POINTER
-    if not pointer.is_file():
+    if not pointer.exists():
         raise IndexNotFoundError(f"no index at {index_dir} — run `ohlora-rag build-index`")
-    build = index_dir / pointer.read_text(encoding="utf-8").strip()
+    try:
+        with pointer.open("rb") as fh:
+            raw = fh.read(256)
+    except OSError as exc:
+        raise _damaged(index_dir, f"{POINTER} is unreadable: {exc.strerror or exc}") from None
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise _damaged(index_dir, f"{POINTER} is not valid UTF-8") from None
+    if not _BUILD_NAME.fullmatch(name) or ".." in name:
+        shown = name if len(name) <= 60 else name[:57] + "..."
+        raise _damaged(index_dir, f"{POINTER} holds {shown!r}, not the name of a build folder")
+    return name
+
+
+def _build_folder(index_dir: Path, name: str) -> Path:
+    build = index_dir / name
     if not (build / MANIFEST_FILE).is_file():
         raise IndexNotFoundError(
-            f"index at {index_dir} points at a missing build {build.name} — run `ohlora-rag build-index`"
+            f"index at {index_dir} points at a missing build {name} — run `ohlora-rag build-index`"
         )
+    if build.resolve().parent != index_dir.resolve():
+        raise _damaged(index_dir, f"{POINTER} names {name}, which leads outside {index_dir}")
     return build
 
 
+def active_build(index_dir: Path) -> Path:
+    """The folder of the published build, or IndexNotFoundError saying how to make one."""
+    return _build_folder(index_dir, _read_pointer(index_dir))
+
+
 def load_index(index_dir: Path) -> StoredIndex:
-    """Load the published build of an index folder."""
+    """Load the published build of an index folder, its files checked against the manifest.
+
+    A build published meanwhile removes the one `CURRENT` named a moment ago; the reader then reads `CURRENT`
+    once more and loads the new build instead of failing.
+    """
+    name = _read_pointer(index_dir)
+    try:
+        return _load_build(index_dir, name)
+    except IndexNotFoundError:
+        again = _read_pointer(index_dir)
+        if again == name:
+            raise
+        return _load_build(index_dir, again)
+
+
+def _load_build(index_dir: Path, name: str) -> StoredIndex:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    build = active_build(index_dir)
+    build = _build_folder(index_dir, name)
     manifest = Manifest.read(build / MANIFEST_FILE)
     if manifest.format_version != FORMAT_VERSION:
         raise IndexNotFoundError(
             f"index at {index_dir} has format {manifest.format_version}, this version reads {FORMAT_VERSION} — "
             "run `ohlora-rag build-index`"
         )
+    _verify_files(index_dir, build, manifest)
     try:
         vectors = VectorIndex.load(build / FAISS_FILE)
         entries = pq.read_table(build / ENTRIES_FILE)
         lexical = LexicalIndex.load(build) if manifest.lexical else None
         stats = ScoreStats.load(build / STATS_FILE) if manifest.lexical else None
     except (RuntimeError, OSError, ValueError, KeyError, pa.ArrowException) as exc:
-        raise IndexNotFoundError(
-            f"index at {index_dir} is damaged ({str(exc).splitlines()[0]}) — run `ohlora-rag build-index`"
-        ) from None
+        raise _damaged(index_dir, _first_line(exc)) from None
     if vectors.ntotal != manifest.count or entries.num_rows != manifest.count or vectors.dim != manifest.dim:
         raise IndexNotFoundError(
             f"index at {index_dir} is inconsistent (manifest {manifest.count} entries, Faiss {vectors.ntotal}, "
             f"table {entries.num_rows}) — run `ohlora-rag build-index`"
         )
     return StoredIndex(build, vectors, entries, manifest, lexical, stats)
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 24):
+            digest.update(chunk)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _verify_files(index_dir: Path, build: Path, manifest: Manifest) -> None:
+    """Sizes of every recorded file, and the sha256 of those up to HASH_UP_TO_BYTES, against the manifest."""
+    files = manifest.files
+    if files is None:
+        return  # a build made before checksums were recorded
+    needed = [FAISS_FILE, ENTRIES_FILE] + ([STATS_FILE, f"{LEXICAL_DIR}/"] if manifest.lexical else [])
+    for want in needed:
+        if not any(name == want or (want.endswith("/") and name.startswith(want)) for name in files):
+            raise _damaged(index_dir, f"the manifest of {build.name} lists no {want}")
+    for name, record in files.items():
+        parts = Path(name).parts
+        if (
+            Path(name).is_absolute()
+            or not parts
+            or ".." in parts
+            or not isinstance(record, dict)
+            or not isinstance(record.get("size"), int)
+            or not isinstance(record.get("sha256"), str)
+        ):
+            raise _damaged(index_dir, f"the manifest of {build.name} has an unreadable file record {name!r}")
+        path = build / name
+        if not path.is_file():
+            raise _damaged(index_dir, f"{build.name}/{name} is missing")
+        size = path.stat().st_size
+        if size != record["size"]:
+            raise _damaged(index_dir, f"{build.name}/{name} is {size} bytes, the manifest says {record['size']}")
+        if size <= HASH_UP_TO_BYTES and _file_record(path)["sha256"] != record["sha256"]:
+            raise _damaged(index_dir, f"{build.name}/{name} does not match the sha256 in its manifest")
+
+
+def check_writable(index_dir: Path) -> None:
+    """Refuse, before any encoding, an index folder this process cannot write into."""
+    if index_dir.exists() and not index_dir.is_dir():
+        raise OhloraError(f"{index_dir} is a file, not a folder — move it away so build-index can create index/ there")
+    try:
+        index_dir.mkdir(parents=True, exist_ok=True)
+        probe = index_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OhloraError(
+            f"cannot write into the index folder {index_dir} ({exc.strerror or exc}) — make it writable, or pass "
+            "--home with a writable folder"
+        ) from None
 
 
 def write_index(
@@ -285,42 +449,48 @@ def write_index(
     lexical: LexicalIndex | None = None,
     stats: ScoreStats | None = None,
 ) -> Path:
-    """Write a complete build folder, then publish it by atomically replacing `CURRENT`.
+    """Write a complete build folder with each file's size and sha256 in its manifest, then publish it by
+    atomically replacing `CURRENT`.
 
-    Older builds are removed only after the new one is published.
+    Publishing holds `index/.lock`: the rename into place, `CURRENT` and the removal of older builds happen one
+    build at a time. Removed are builds older than the one published and staging folders whose writer is gone.
 
     Returns:
         The new build folder.
     """
     import pyarrow.parquet as pq
 
-    index_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(index_dir)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     build = index_dir / f"build-{stamp}-{os.getpid()}-{time.monotonic_ns() % 10**6:06d}"
     staging = index_dir / f".staging-{build.name}"
-    staging.mkdir()
     try:
+        staging.mkdir()
         vectors.save(staging / FAISS_FILE)
         pq.write_table(entries, staging / ENTRIES_FILE)
-        names = [FAISS_FILE, ENTRIES_FILE, MANIFEST_FILE]
+        names = [FAISS_FILE, ENTRIES_FILE]
         if lexical is not None and stats is not None:
             lexical.save(staging)
             stats.save(staging / STATS_FILE)
-            names += [STATS_FILE, *(f"{LEXICAL_DIR}/{p.name}" for p in (staging / LEXICAL_DIR).iterdir())]
-        (staging / MANIFEST_FILE).write_text(
-            json.dumps(asdict(manifest), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
+            names += [STATS_FILE, *(f"{LEXICAL_DIR}/{p.name}" for p in sorted((staging / LEXICAL_DIR).iterdir()))]
         for name in names:
             _fsync(staging / name)
-        os.replace(staging, build)
-        pointer_tmp = index_dir / f".{POINTER}.tmp-{os.getpid()}"
-        pointer_tmp.write_text(build.name + "\n", encoding="utf-8")
-        _fsync(pointer_tmp)
-        os.replace(pointer_tmp, index_dir / POINTER)
+        written = replace(manifest, files={name: _file_record(staging / name) for name in names})
+        (staging / MANIFEST_FILE).write_text(
+            json.dumps(asdict(written), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        _fsync(staging / MANIFEST_FILE)
+        with publish_lock(index_dir / LOCK_FILE, f"the index at {index_dir}"):
+            os.replace(staging, build)
+            pointer_tmp = index_dir / f".{POINTER}.tmp-{os.getpid()}"
+            pointer_tmp.write_text(build.name + "\n", encoding="utf-8")
+            _fsync(pointer_tmp)
+            os.replace(pointer_tmp, index_dir / POINTER)
+            with contextlib.suppress(OSError):  # the new index is published; leftovers wait for the next build
+                _remove_stale(index_dir, keep=build.name)
     except (OSError, RuntimeError) as exc:  # Faiss reports a failed write as RuntimeError
         shutil.rmtree(staging, ignore_errors=True)
         raise OhloraError(f"could not write the index under {index_dir}: {exc}") from None
-    _remove_stale(index_dir, keep=build.name)
     return build
 
 
@@ -330,7 +500,21 @@ def _fsync(path: Path) -> None:
 
 
 def _remove_stale(index_dir: Path, keep: str) -> None:
-    """Delete builds other than `keep` and staging folders left by killed builds."""
+    """Under the publish lock: delete builds older than `keep` and leftovers of writers that are gone.
+
+    Builds are renamed into place only under the lock, so no build other than `keep` will be published again; a
+    reader still loading one reads `CURRENT` once more. A staging folder is removed only when its writer process
+    is gone (or it is a day old), never while another build is writing it.
+    """
+    published = (index_dir / keep).stat().st_mtime
     for child in index_dir.iterdir():
-        if child.is_dir() and child.name != keep and child.name.startswith(("build-", ".staging-")):
+        if child.name == keep or child.is_symlink():
+            continue
+        if child.name.startswith("build-") and child.is_dir():
+            with contextlib.suppress(OSError):
+                if child.stat().st_mtime <= published:
+                    shutil.rmtree(child, ignore_errors=True)
+        elif child.name.startswith(".staging-") and child.is_dir() and abandoned(child):
             shutil.rmtree(child, ignore_errors=True)
+        elif child.name.startswith(f".{POINTER}.tmp-") and abandoned(child):
+            child.unlink(missing_ok=True)

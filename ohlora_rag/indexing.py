@@ -7,11 +7,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .config import FALLBACK_THRESHOLD, IndexConfig, Paths
 from .data import ConceptDB, LabelledQuestions, load_concepts, load_labelled_questions
 from .decision import DecisionModel, fit_decision
 from .encoder import Encoder
-from .index import Manifest, ScoreStats, StoredIndex, VectorIndex, write_index
+from .errors import OhloraError
+from .index import Manifest, ScoreStats, StoredIndex, VectorIndex, check_writable, write_index
 from .lexical import LexicalIndex
 from .models import choose_encoder, read_manifest
 
@@ -45,6 +48,12 @@ def in_memory_index(db: ConceptDB, encoder: Encoder, batch_size: int, progress: 
     import faiss
 
     vectors = encoder.encode_passages(db.texts, batch_size=batch_size, progress=progress)  # (n, d)
+    if not np.isfinite(vectors).all():
+        rows = int((~np.isfinite(vectors).all(axis=1)).sum())
+        raise OhloraError(
+            f"encoder {encoder.ref.reference} returned non-finite vectors for {rows} of {len(db)} entries — check the "
+            "model folder, or retrain it with `ohlora-rag train-sbert`"
+        )
     store = VectorIndex.from_vectors(vectors)
     manifest = Manifest(
         encoder=encoder.ref.reference,
@@ -88,6 +97,7 @@ def build_index(config: IndexConfig | None = None, paths: Paths | None = None) -
     labelled = load_labelled_questions(calib) if calib else None
     if labelled is not None:
         labelled.positions(db)  # every labelled entry must be in this DB: refuse before encoding
+    check_writable(paths.index_dir)  # a read-only index/ fails now, not after minutes of encoding
     ref = choose_encoder(config.encoder, paths)
     encoder = Encoder(ref)
     t0 = time.perf_counter()

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from .config import Paths
 from .errors import ModelImportError, ModelNotFoundError, OhloraError, UsageError
+from .locks import abandoned, publish_lock
 
 MANIFEST_NAME = "ohlora_model.json"
 _FORMAT_VERSION = 1
@@ -121,6 +123,7 @@ def resolve(reference: str, kind: str, paths: Paths) -> ModelRef:
                 f"model folder {candidate} has no config.json or modules.json — point at a Hugging Face or "
                 "sentence-transformers model folder"
             )
+        check_json_files(candidate, ("config.json", "modules.json"))
         return ModelRef(reference, candidate.resolve())
     if reference in BUILTINS:
         return ModelRef(reference, ensure_builtin(BUILTINS[reference], paths))
@@ -129,6 +132,56 @@ def resolve(reference: str, kind: str, paths: Paths) -> ModelRef:
             f"model {reference!r}: no such folder — built-in {kind}s: {', '.join(builtin_aliases(kind))}"
         )
     return ModelRef(reference, _from_hub(reference, kind))
+
+
+def check_json_files(folder: Path, names: tuple[str, ...]) -> None:
+    """Refuse a model folder whose config files are not JSON, before any heavy library reads them."""
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            detail = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise ModelNotFoundError(
+                f"model folder {folder}: {name} is not readable JSON ({detail}) — restore the file, or point at "
+                "another model folder"
+            ) from None
+        if not isinstance(data, (dict, list)):
+            raise ModelNotFoundError(
+                f"model folder {folder}: {name} holds a JSON {type(data).__name__}, not an object — restore the file, "
+                "or point at another model folder"
+            )
+
+
+@contextmanager
+def loading(ref: ModelRef, kind: str) -> Iterator[None]:
+    """Turn any failure to load a resolved model folder (a broken config, missing or damaged weights) into a
+    one-line ModelNotFoundError naming the folder.
+
+    Args:
+        ref: the model being loaded.
+        kind: what it should be ("encoder", "LLM", "LoRA adapter"), for the message.
+    """
+    try:
+        yield
+    except OhloraError:
+        raise
+    except Exception as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if len(detail) > 200:
+            detail = detail[:197] + "..."
+        named = Path(ref.reference).expanduser()
+        where = (
+            str(ref.path)
+            if named.exists() and named.resolve() == ref.path.resolve()
+            else f"{ref.reference} ({ref.path})"
+        )
+        raise ModelNotFoundError(
+            f"{kind} {where} does not load ({type(exc).__name__}: {detail}) — point at a complete Hugging Face / "
+            "sentence-transformers model folder, or retrain it"
+        ) from exc
 
 
 def _from_hub(repo_id: str, kind: str) -> Path:
@@ -167,8 +220,12 @@ def ensure_builtin(builtin: Builtin, paths: Paths) -> Path:
     if (target / MANIFEST_NAME).exists() and (read_manifest(target) or {}).get("source_hash") == source_hash:
         return target
     try:
-        # A folder without a manifest is a leftover of an older attempt: the staged conversion replaces it.
-        with staged_folder(target) as staging:
+        # A folder without a manifest is a leftover of an older attempt: the staged conversion replaces it. A
+        # command that converted the same model meanwhile wins: its folder may already be in use.
+        def done(out: Path) -> bool:
+            return (out / MANIFEST_NAME).exists() and (read_manifest(out) or {}).get("source_hash") == source_hash
+
+        with staged_folder(target, keep_existing=done) as staging:
             extras = builtin.convert(source, staging, paths) or {}
             write_manifest(
                 staging,
@@ -304,22 +361,36 @@ def choose_encoder(reference: str | None, paths: Paths) -> ModelRef:
 
 
 @contextmanager
-def staged_folder(out: Path) -> Iterator[Path]:
+def staged_folder(out: Path, keep_existing: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """A fresh sibling folder to write a model into; it replaces `out` only when the block completes.
 
-    A failed or killed write leaves the previous `out` (or none) in place, never a mix of old and new files.
+    A failed or killed write leaves the previous `out` (or none) in place, never a mix of old and new files. The
+    swap holds the lock file `.<name>.lock` beside `out`, so two commands writing the same folder take turns; it
+    also removes staging folders of writers that are gone.
+
+    Args:
+        out: the folder to (re)place.
+        keep_existing: evaluated under the lock; when it returns True for `out`, the new folder is dropped and
+            `out` stays as it is (another command finished the same work first).
     """
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         yield staging
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out)
+        with publish_lock(out.parent / f".{out.name}.lock", f"the model folder {out}"):
+            if keep_existing is not None and keep_existing(out):
+                return
+            if out.exists():
+                old = out.parent / f".{out.name}.old-{os.getpid()}"
+                os.replace(out, old)
+                os.replace(staging, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, out)
+            leftover = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-\d+")
+            for child in out.parent.iterdir():
+                if leftover.fullmatch(child.name) and child.is_dir() and not child.is_symlink() and abandoned(child):
+                    shutil.rmtree(child, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -16,7 +16,7 @@ import numpy as np
 from .config import FALLBACK_THRESHOLD, Paths, SearchConfig
 from .decision import CANDIDATES, DecisionModel, Signals
 from .encoder import Encoder
-from .errors import IndexMismatchError, UsageError
+from .errors import IndexMismatchError, OhloraError, UsageError
 from .index import StoredIndex, load_index
 from .lexical import entry_names, tokenize
 from .models import choose_encoder
@@ -73,8 +73,18 @@ class SearchResult:
 
 
 def check_question(question: str) -> str:
+    """The question stripped; an empty one, or one with bytes that are not UTF-8, is a UsageError."""
     if not isinstance(question, str) or not question.strip():
         raise UsageError('the question is empty — ask something, e.g. ohlora-rag search "What is cosine similarity?"')
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError as exc:  # undecodable argv / stdin bytes arrive as lone surrogates (surrogateescape)
+        char = ord(question[exc.start])
+        what = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"character U+{char:04X}"
+        raise UsageError(
+            f"the question is not valid UTF-8 ({what} at position {exc.start + 1}) — type it again, or set a UTF-8 "
+            "locale for the terminal"
+        ) from None
     return question.strip()
 
 
@@ -124,9 +134,14 @@ class Retriever:
         cleaned = [check_question(q) for q in questions]
         start = time.perf_counter()
         vectors = self.encoder.encode_queries(cleaned)  # (nq, d)
+        if not np.isfinite(vectors).all():
+            raise OhloraError(
+                f"encoder {self.encoder.ref.reference} returned non-finite vectors for the question — check the "
+                "model folder, or retrain it with `ohlora-rag train-sbert`"
+            )
         if self.decision is not None:
             return self._decide(cleaned, vectors, top_k, start)
-        scores, positions = self.stored.vectors.search(vectors, top_k)  # (nq, k) each
+        scores, positions = self.stored.search(vectors, top_k)  # (nq, k) each
         seconds = (time.perf_counter() - start) / max(len(cleaned), 1)
         results = []
         for question, row_scores, row_positions in zip(cleaned, scores, positions):
@@ -178,7 +193,7 @@ class Retriever:
             raise UsageError("this index has no lexical part — rebuild it with `ohlora-rag build-index`")
         n = stored.vectors.ntotal
         k = min(n, CANDIDATES)
-        dense_scores, dense_positions = stored.vectors.search(vectors, k)  # (nq, k) each
+        dense_scores, dense_positions = stored.search(vectors, k)  # (nq, k) each
         mu, sigma = stored.stats.mu_sigma(vectors)  # (nq,) each
         out = []
         for i, question in enumerate(questions):
@@ -191,6 +206,7 @@ class Retriever:
             cosine = np.concatenate(
                 [dense_scores[i][: len(dense)], stored.vectors.vectors_at(np.asarray(extra)) @ vectors[i]]
             )
+            stored.check_cosines(cosine)
             words = set(tokenize(question))
             name = np.asarray([self._name_match(words, int(p)) for p in positions], dtype=np.float64)
             out.append(Signals(positions, cosine, bm[positions], name, float(mu[i]), float(sigma[i]), float(bm.max())))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -219,3 +222,37 @@ def write_sft(path: Path, rows: list[tuple[str, str, str]] = SFT_ROWS) -> Path:
         writer.writerow(["data_type", "user_question", "rag_retrieved_data", "output_message"])
         writer.writerows(("train", *row) for row in rows)
     return path
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """Make `folder` refuse new files for the block: chmod for a normal user, `chattr +i` for root (whom
+    permissions do not stop); skips the test where neither works."""
+    root = os.geteuid() == 0
+    if root:
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+            pytest.skip("running as root without chattr +i: cannot make a folder read-only")
+    else:
+        folder.chmod(0o555)
+    try:
+        probe = folder / ".probe"
+        try:
+            probe.write_bytes(b"")
+        except OSError:
+            pass
+        else:
+            probe.unlink()
+            pytest.skip(f"{folder} stays writable")
+        yield
+    finally:
+        if root:
+            subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+        else:
+            folder.chmod(0o755)
+
+
+def broken_model(source: Path, folder: Path, config: str) -> Path:
+    """A copy of a model folder whose config.json holds `config`."""
+    shutil.copytree(source, folder)
+    (folder / "config.json").write_text(config, encoding="utf-8")
+    return folder

@@ -185,3 +185,59 @@ def test_guard_replaces_an_invented_answer_when_nothing_matched(
     assert kept["answer"].startswith("The president of France") and kept["guarded"] is False
     matched = json.loads(runner.invoke(app, ["ask", PRECISION, "--json", "--base-llm", str(scripted)]).stdout)
     assert matched["guarded"] is False  # with an entry in the prompt the model's answer stands
+
+
+@pytest.mark.parametrize("out", ["/nonexistent/dir/a.jsonl", "{tmp}"])
+def test_batch_out_is_checked_before_loading_models(
+    scripted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out: str
+) -> None:
+    questions = tmp_path / "q.txt"
+    questions.write_text("what is lora\n", encoding="utf-8")
+
+    def no_loading(*_: object, **__: object) -> None:
+        raise AssertionError("models were loaded before --out was checked")
+
+    monkeypatch.setattr(engine_module.QueryEngine, "load", no_loading)
+    target = out.format(tmp=tmp_path)
+    result = runner.invoke(app, ["ask", "--file", str(questions), "--out", target, "--base-llm", str(scripted)])
+    assert result.exit_code == 2, result.output
+    expected = "the folder /nonexistent/dir does not exist" if target.startswith("/nonexistent") else "is a folder"
+    assert result.stderr.startswith(f"error: --out {target}: ") and expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_chat_reports_a_line_that_is_not_utf8_and_goes_on(scripted: Path) -> None:
+    lines = b"what is \xff\xfe recall\n" + PRECISION.encode() + b"\nexit\n"
+    result = runner.invoke(app, ["chat", "--base-llm", str(scripted)], input=lines)
+    assert result.exit_code == 0, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: the question is not valid UTF-8 (byte 0xff at position 9) — type it again, or set a UTF-8 locale "
+        "for the terminal"
+    ]
+    assert result.stdout.count("tutor> ") == 1 and len(ScriptedGenerator.prompts_seen) == 1
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [('{"foo": 1}', "does not load (ValueError"), ("{broken", "config.json is not readable JSON")],
+)
+def test_broken_base_llm_is_one_line(home: Path, tiny_lm: Path, tmp_path: Path, config: str, message: str) -> None:
+    from tests.conftest import broken_model
+
+    assert runner.invoke(app, ["build-index", "-q"]).exit_code == 0
+    broken = broken_model(tiny_lm, tmp_path / "broken-lm", config)
+    result = runner.invoke(app, ["ask", "what is lora", "--base-llm", str(broken)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_broken_adapter_config_is_one_line(scripted: Path, tmp_path: Path) -> None:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{oops", encoding="utf-8")
+    result = runner.invoke(app, ["ask", "what is lora", "--adapter", str(adapter), "--base-llm", str(scripted)])
+    assert result.exit_code == 1, result.output
+    assert f"model folder {adapter}: adapter_config.json is not readable JSON" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -173,3 +173,112 @@ def test_save_threshold_needs_a_trained_encoder(home: Path, tmp_path: Path) -> N
 
     result = invoke("evaluate-retrieval", "--pairs", str(write_pairs(tmp_path / "dev.csv")), "--save-threshold")
     assert result.exit_code == 2 and "--save-threshold" in result.stderr and "encoder manifest" in result.stderr
+
+
+def _one_line_error(result, code: int, message: str) -> None:  # noqa: ANN001
+    assert result.exit_code == code, result.output
+    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_question_that_is_not_utf8_is_one_line(home: Path) -> None:
+    assert invoke("build-index", "-q").exit_code == 0
+    # what `search $'what is \xff\xfe recall'` delivers: Python decodes argv with surrogateescape
+    result = invoke("search", "what is \udcff\udcfe recall")
+    _one_line_error(result, 2, "the question is not valid UTF-8 (byte 0xff at position 9)")
+
+
+def test_read_only_index_fails_before_encoding(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ohlora_rag.indexing as indexing
+    from tests.conftest import read_only
+
+    assert invoke("build-index", "-q").exit_code == 0
+    current = (home / "index" / "CURRENT").read_text()
+
+    def no_encoding(*_: object, **__: object) -> None:
+        raise AssertionError("the encoder was loaded before the index folder was checked")
+
+    monkeypatch.setattr(indexing, "Encoder", no_encoding)
+    with read_only(home / "index"):
+        result = invoke("build-index", "-q")
+    _one_line_error(result, 1, f"cannot write into the index folder {home / 'index'} (")
+    assert "make it writable, or pass --home with a writable folder" in result.stderr
+    assert (home / "index" / "CURRENT").read_text() == current
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ('{"foo": 1}', "does not load (ValueError: "),
+        ("this is not json", "config.json is not readable JSON (Expecting value"),
+        ("[1, 2", "config.json is not readable JSON"),
+        ("42", "config.json holds a JSON int, not an object"),
+    ],
+)
+def test_broken_encoder_folder_is_one_line(home: Path, tmp_path: Path, config: str, message: str) -> None:
+    from tests.conftest import broken_model
+
+    broken = broken_model(home / "models" / "sbert", tmp_path / "broken", config)
+    _one_line_error(invoke("build-index", "--encoder", str(broken), "-q"), 1, message)
+    # its base is measured first: name the tiny one, or the built-in base would be converted (slow)
+    (broken / "ohlora_model.json").write_text(json.dumps({"base": str(home / "models" / "sbert")}), encoding="utf-8")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("user_question,rag_retrieved_data,similarity_score\nq,e,1.0\n", encoding="utf-8")
+    _one_line_error(invoke("evaluate-retrieval", "--pairs", str(pairs), "--model", str(broken)), 1, message)
+
+
+def test_every_option_has_help_and_flags_show_no_type() -> None:
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():  # type: ignore[attr-defined]
+        for param in command.params:
+            if param.param_type_name == "option":
+                assert param.help, f"{name} {param.opts[0]} has no help text"
+        shown = runner.invoke(app, [name, "--help"])
+        assert shown.exit_code == 0 and "<bool>" not in shown.stdout, name
+    assert "<bool>" not in runner.invoke(app, ["--help"]).stdout
+    json_option = next(p for p in group.commands["ask"].params if p.name == "as_json")  # type: ignore[attr-defined]
+    assert "turns --stream off" in (json_option.help or "")
+
+
+@pytest.mark.parametrize(
+    ("command", "default"),
+    [
+        (["train-sbert", "-q"], "data/sbert_train.csv"),
+        (["train-llm", "-q"], "data/sft_train.csv"),
+        (["evaluate-answers"], "data/sft_dev.csv"),
+    ],
+)
+def test_default_data_paths_follow_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str], default: str
+) -> None:
+    """With --home, a default data file is looked up under that folder, not the current one."""
+    here = tmp_path / "elsewhere"
+    (here / "data").mkdir(parents=True)
+    (here / default).write_text("not,the,file\n1,2,3\n", encoding="utf-8")  # must not be read
+    monkeypatch.chdir(here)
+    other = tmp_path / "home"
+    other.mkdir()
+    result = runner.invoke(app, ["--home", str(other), *command])
+    assert result.exit_code == 1, result.output
+    assert f"{other / default} not found" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_every_float_setting_must_be_finite() -> None:
+    from dataclasses import fields
+
+    from ohlora_rag.config import AskConfig, IndexConfig, LlmTrainConfig, SbertTrainConfig, SearchConfig
+    from ohlora_rag.errors import UsageError
+
+    checked = 0
+    for cls in (IndexConfig, SearchConfig, SbertTrainConfig, LlmTrainConfig, AskConfig):
+        required = {"data": Path("x.csv")} if cls in (SbertTrainConfig, LlmTrainConfig) else {}
+        for f in fields(cls):
+            if "float" not in str(f.type):
+                continue
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                with pytest.raises(UsageError, match="must be a finite number"):
+                    cls(**required, **{f.name: bad})  # type: ignore[arg-type]
+                checked += 1
+    assert checked == 3 * 9  # threshold x2, lr x2, warmup, ranking weight, valid fraction, dropout, temperature

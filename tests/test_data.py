@@ -128,3 +128,54 @@ def test_project_knowledge_base_is_valid() -> None:
     assert len(db) >= 150
     assert all(" : " in t and "| key idea:" in t for t in db.texts)
     assert len(set(db.metadata["topic"])) == 8
+
+
+def test_txt_lines_end_only_at_newlines(tmp_path: Path) -> None:
+    """Form feeds, U+2028 and lone carriage returns sit inside an entry; str.splitlines would cut there."""
+    path = _write(tmp_path, "db.txt", "a\x0cb : one\r\nc\u2028d : two\ne\x1cf\u0085g : three\n".encode())
+    assert load_concepts(path).texts == ["a\x0cb : one", "c\u2028d : two", "e\x1cf\u0085g : three"]
+    crlf = _write(tmp_path, "crlf.txt", b"alpha\r\nbeta\r\n\r\n")
+    assert load_concepts(crlf).texts == ["alpha", "beta"]
+
+
+def test_entry_length_is_capped(tmp_path: Path) -> None:
+    from ohlora_rag.config import MAX_ENTRY_CHARS
+
+    long = "x" * (MAX_ENTRY_CHARS + 1)
+    fits = _write(tmp_path, "fits.txt", ("y" * MAX_ENTRY_CHARS + "\nshort\n").encode())
+    assert len(load_concepts(fits).texts[0]) == MAX_ENTRY_CHARS
+    txt = _write(tmp_path, "long.txt", f"short\n{long}\n".encode())
+    with pytest.raises(
+        DataFormatError,
+        match=re.escape(f"{txt}: line 2 is 20,001 characters long, over the limit of 20,000 — split it"),
+    ):
+        load_concepts(txt)
+    csv_path = _write(tmp_path, "long.csv", f"text\nshort\n{long}\n".encode())
+    with pytest.raises(DataFormatError, match=re.escape(f"{csv_path}: row 2, column 'text', is 20,001 characters")):
+        load_concepts(csv_path)
+
+
+@pytest.mark.parametrize(
+    ("loader", "header"),
+    [
+        ("load_concepts", "id,text,text"),
+        ("load_concepts", "text, id,id "),
+        ("load_pairs", "user_question,user_question,rag_retrieved_data,similarity_score"),
+        ("load_sft", "user_question,rag_retrieved_data,output_message,user_question"),
+        ("load_labelled_questions", "question,kind,concept_id,kind"),
+    ],
+)
+def test_repeated_column_names_are_refused(tmp_path: Path, loader: str, header: str) -> None:
+    import ohlora_rag.data as data
+
+    names = [h.strip() for h in header.split(",")]
+    repeated = next(n for i, n in enumerate(names) if n in names[:i])
+    first, second = names.index(repeated) + 1, len(names) - names[::-1].index(repeated)
+    path = _write(tmp_path, "dup.csv", (header + "\n" + ",".join(f"v{i}" for i in range(len(names))) + "\n").encode())
+    expected = f"{path}: columns {first} and {second} are both named '{repeated}' — rename or delete one of them"
+    with pytest.raises(DataFormatError, match=re.escape(expected)):
+        getattr(data, loader)(path)
+    parquet = tmp_path / "dup.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array(["v"]) for _ in names], names=names), parquet)
+    with pytest.raises(DataFormatError, match=re.escape(expected.replace(str(path), str(parquet)))):
+        getattr(data, loader)(parquet)

@@ -148,3 +148,156 @@ def test_killed_build_leaves_old_index_loadable(home: Path, tmp_path: Path) -> N
     np.testing.assert_array_equal(after.vectors.search(query, 3)[1], before.vectors.search(query, 3)[1])
     build_index(IndexConfig(progress=False), paths)  # the next build cleans the leftovers
     assert not any(p.name.startswith(".staging-") for p in paths.index_dir.iterdir())
+
+
+def _flip_byte(path: Path, offset: int = -1) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_manifest_records_size_and_sha256_of_every_file(home: Path) -> None:
+    import hashlib
+
+    paths = Paths.resolve()
+    build_index(IndexConfig(progress=False), paths)
+    build = active_build(paths.index_dir)
+    files = json.loads((build / "manifest.json").read_text())["files"]
+    on_disk = {str(p.relative_to(build)) for p in build.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert set(files) == on_disk and {"faiss.index", "entries.parquet", "score_stats.npz"} <= on_disk
+    assert any(name.startswith("bm25/") for name in files)
+    for name, record in files.items():
+        data = (build / name).read_bytes()
+        assert record == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda b: _flip_byte(b / "faiss.index"), "faiss.index does not match the sha256 in its manifest"),
+        (lambda b: _flip_byte(b / "entries.parquet", 40), "entries.parquet does not match the sha256"),
+        (lambda b: _flip_byte(b / "score_stats.npz", 100), "score_stats.npz does not match the sha256"),
+        (lambda b: _flip_byte(b / "bm25" / "params.index.json", 5), "bm25/params.index.json does not match"),
+        (lambda b: (b / "entries.parquet").write_bytes(b"PAR1"), "entries.parquet is 4 bytes, the manifest says"),
+        (lambda b: (b / "faiss.index").write_bytes(b""), "faiss.index is 0 bytes, the manifest says"),
+        (lambda b: (b / "bm25" / "vocab.index.json").unlink(), "bm25/vocab.index.json is missing"),
+        (lambda b: (b / "score_stats.npz").unlink(), "score_stats.npz is missing"),
+        (lambda b: (b / "manifest.json").write_text("{not json"), "manifest.json: Expecting property name"),
+        (lambda b: (b / "manifest.json").write_text("[]"), "manifest.json: "),
+    ],
+)
+def test_damaged_build_is_refused(home: Path, damage, message: str) -> None:  # noqa: ANN001
+    paths = Paths.resolve()
+    build_index(IndexConfig(progress=False), paths)
+    damage(active_build(paths.index_dir))
+    with pytest.raises(IndexNotFoundError, match=re.escape(message)) as info:
+        load_index(paths.index_dir)
+    assert str(info.value).startswith(f"index at {paths.index_dir} is damaged (")
+    assert str(info.value).endswith("— run `ohlora-rag build-index`")
+
+
+def _rewrite_manifest(build: Path, **changes: object) -> None:
+    manifest = json.loads((build / "manifest.json").read_text())
+    manifest.update(changes)
+    (build / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"count": "six"}, "field 'count' is str"),
+        ({"files": {"faiss.index": {"size": 1}}}, "lists no entries.parquet"),
+        ({"lexical": "yes"}, "field 'lexical' is str"),
+    ],
+)
+def test_manifest_with_wrong_types_is_damaged(home: Path, changes: dict[str, object], message: str) -> None:
+    paths = Paths.resolve()
+    build_index(IndexConfig(progress=False), paths)
+    _rewrite_manifest(active_build(paths.index_dir), **changes)
+    with pytest.raises(IndexNotFoundError, match=re.escape(message)):
+        load_index(paths.index_dir)
+
+
+def test_manifest_file_record_cannot_leave_the_build(home: Path) -> None:
+    paths = Paths.resolve()
+    build_index(IndexConfig(progress=False), paths)
+    build = active_build(paths.index_dir)
+    files = json.loads((build / "manifest.json").read_text())["files"]
+    files["../CURRENT"] = {"size": 1, "sha256": "0"}
+    _rewrite_manifest(build, files=files)
+    with pytest.raises(IndexNotFoundError, match=re.escape("unreadable file record '../CURRENT'")):
+        load_index(paths.index_dir)
+
+
+def test_build_without_checksums_still_loads(home: Path) -> None:
+    """Indexes built before checksums were recorded load as before (unchecked)."""
+    paths = Paths.resolve()
+    build_index(IndexConfig(progress=False), paths)
+    build = active_build(paths.index_dir)
+    manifest = json.loads((build / "manifest.json").read_text())
+    del manifest["files"]
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    assert load_index(paths.index_dir).manifest.files is None
+
+
+def test_cosine_outside_the_unit_range_is_an_error(home: Path) -> None:
+    """Vectors scaled by 10 in an index whose checksums were made to match: the search refuses, not answers."""
+    import hashlib
+
+    from ohlora_rag.config import SearchConfig
+    from ohlora_rag.retriever import Retriever
+
+    paths = Paths.resolve()
+    build_index(IndexConfig(progress=False, calibrate=False), paths)
+    build = active_build(paths.index_dir)
+    raw = faiss.read_index(str(build / "faiss.index"))
+    scaled = faiss.IndexFlatIP(raw.d)
+    scaled.add(raw.reconstruct_n(0, raw.ntotal) * 10.0)
+    faiss.write_index(scaled, str(build / "faiss.index"))
+    data = (build / "faiss.index").read_bytes()
+    manifest = json.loads((build / "manifest.json").read_text())
+    manifest["files"]["faiss.index"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    retriever = Retriever.load(SearchConfig(), paths)
+    with pytest.raises(
+        IndexNotFoundError, match=r"is damaged \(a search returned the cosine [0-9.]+, outside \[-1, 1\]\)"
+    ):
+        retriever.search("what is recall")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\xff\xfe\x00garbage\x80",
+        b"../outside",
+        b"build-x/../../etc",
+        b"build-..",
+        b"",
+        b"   \n",
+        b"/etc/passwd",
+        b"build-" + b"a" * 300,
+        b"faiss.index",
+    ],
+)
+def test_current_holds_only_a_build_name(home: Path, content: bytes) -> None:
+    paths = Paths.resolve()
+    build_index(IndexConfig(progress=False), paths)
+    (paths.index_dir / "CURRENT").write_bytes(content)
+    with pytest.raises(IndexNotFoundError, match=re.escape(f"index at {paths.index_dir} is damaged (CURRENT ")):
+        load_index(paths.index_dir)
+
+
+def test_current_that_is_a_folder_or_leads_outside_is_damaged(home: Path, tmp_path: Path) -> None:
+    paths = Paths.resolve()
+    build_index(IndexConfig(progress=False), paths)
+    real = active_build(paths.index_dir)
+    elsewhere = tmp_path / "elsewhere"
+    real.rename(elsewhere)
+    (paths.index_dir / "build-evil").symlink_to(elsewhere)
+    (paths.index_dir / "CURRENT").write_text("build-evil\n")
+    with pytest.raises(IndexNotFoundError, match=re.escape("CURRENT names build-evil, which leads outside")):
+        load_index(paths.index_dir)
+    (paths.index_dir / "CURRENT").unlink()
+    (paths.index_dir / "CURRENT").mkdir()
+    with pytest.raises(IndexNotFoundError, match=re.escape("is damaged (CURRENT is unreadable")):
+        load_index(paths.index_dir)

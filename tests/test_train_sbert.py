@@ -70,6 +70,7 @@ def test_two_steps_change_weights_and_write_files(tmp_path: Path, tiny_sbert: Pa
     manifest = json.loads((out / "ohlora_model.json").read_text())
     assert manifest["seed"] == 42 and manifest["base"] == str(tiny_sbert) and manifest["data_hash"]
     assert set(manifest["metrics"]) == {"pairs", "ranking", "calibration"}
+    assert not (tmp_path / "sbert.checkpoints").exists()  # removed after a successful run
 
 
 def test_resume(tmp_path: Path, tiny_sbert: Path) -> None:
@@ -84,7 +85,8 @@ def test_resume(tmp_path: Path, tiny_sbert: Path) -> None:
         freeze_layers=0,
         loss="cosine",
     )
-    train_sbert(SbertTrainConfig(epochs=1, **kw), Paths(tmp_path))  # type: ignore[arg-type]
+    train_sbert(SbertTrainConfig(epochs=1, keep_checkpoints=True, **kw), Paths(tmp_path))  # type: ignore[arg-type]
+    assert any((tmp_path / "sbert.checkpoints").glob("checkpoint-*"))
     again = train_sbert(SbertTrainConfig(epochs=2, resume=True, **kw), Paths(tmp_path))  # type: ignore[arg-type]
     assert again.steps == 2  # the second epoch only
 
@@ -184,3 +186,15 @@ def test_full_disk_is_one_line_and_keeps_the_model(
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
     after = _weights(previous)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_keep_checkpoints_flag(tmp_path: Path, tiny_sbert: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ohlora_rag.cli import app
+
+    data = write_pairs(tmp_path / "pairs.csv")
+    args = ["--home", str(tmp_path), "train-sbert", "--data", str(data), "--base", str(tiny_sbert), "--epochs", "1"]
+    result = CliRunner().invoke(app, [*args, "--loss", "cosine", "--freeze-layers", "0", "--keep-checkpoints", "-q"])
+    assert result.exit_code == 0, result.output
+    assert any((tmp_path / "models" / "sbert.checkpoints").glob("checkpoint-*"))

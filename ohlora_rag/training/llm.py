@@ -19,7 +19,7 @@ from ..device import native_bf16, torch_device
 from ..encoder import quiet_transformers
 from ..errors import OhloraError, UsageError
 from ..generator import encode_prompt
-from ..models import resolve, staged_folder, write_manifest
+from ..models import loading, resolve, staged_folder, write_manifest
 from ..prompt import PromptBuilder
 from .common import config_record, quiet_trainer, warmup
 
@@ -120,11 +120,13 @@ def train_llm(config: LlmTrainConfig, paths: Paths | None = None) -> LlmTrainRep
 
         datasets.disable_progress_bars()
     set_seed(config.seed)
-    tokenizer = AutoTokenizer.from_pretrained(base.path, local_files_only=True)
+    with loading(base, "LLM"):
+        tokenizer = AutoTokenizer.from_pretrained(base.path, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     builder = PromptBuilder.create(tokenizer, config.template)
-    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, local_files_only=True)
+    with loading(base, "LLM"):
+        model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, local_files_only=True)
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,

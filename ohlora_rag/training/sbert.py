@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from ..device import native_bf16, torch_device
 from ..encoder import Encoder, quiet_transformers
 from ..errors import DataFormatError, UsageError
 from ..evaluate import RetrievalReport, evaluate_retrieval
-from ..models import ModelRef, resolve, staged_folder, write_manifest
+from ..models import ModelRef, loading, resolve, staged_folder, write_manifest
 from .common import config_record, quiet_model_card, quiet_trainer, warmup
 
 
@@ -106,7 +107,8 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
     """Fine-tune an S-BERT and save it (sentence-transformers folder + `ohlora_model.json`).
 
     The folder is written next to `out` and swapped in only when training and evaluation succeed, so a failed or
-    interrupted run leaves the previous model intact; checkpoints for `--resume` live in `<out>.checkpoints/`.
+    interrupted run leaves the previous model intact; checkpoints for `--resume` live in `<out>.checkpoints/`, which
+    a successful run removes unless `config.keep_checkpoints`.
 
     Returns:
         Throughput, sizes and the validation report (pair metrics, ranking, calibrated threshold).
@@ -137,7 +139,8 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
 
     quiet_transformers()
     set_seed(config.seed)
-    model = SentenceTransformer(str(base.path), device=torch_device(), local_files_only=True)
+    with loading(base, "encoder"):
+        model = SentenceTransformer(str(base.path), device=torch_device(), local_files_only=True)
     model.max_seq_length = config.max_seq_length
     freeze(model[0].auto_model, config.freeze_embeddings, config.freeze_layers)
     train_data, loss = _training_data(train, config, model)
@@ -207,6 +210,8 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
             metrics=report.to_dict(),
             config=config_record(config),
         )
+    if not config.keep_checkpoints:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the model is saved; only --resume of this run needed them
     epochs_run = trainer.state.epoch - steps_done.get("from_epoch", trainer.state.epoch)
     processed = rows * epochs_run  # pairs seen in this run (a resumed run counts only its own part)
     return SbertTrainReport(
