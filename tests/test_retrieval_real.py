@@ -24,7 +24,8 @@ def _home_with_encoder(tmp_path: Path, e5_home: Paths, e5_folder: Path) -> Paths
 
 def test_default_db_cosine_question(tmp_path: Path, e5_home: Paths, e5_folder: Path) -> None:
     paths = _home_with_encoder(tmp_path, e5_home, e5_folder)
-    report = build_index(IndexConfig(db=ROOT / "data" / "concepts.csv", progress=False), paths)
+    config = IndexConfig(db=ROOT / "data" / "concepts.csv", encoder="multilingual-e5-small", progress=False)
+    report = build_index(config, paths)
     assert report.manifest.count >= 150 and report.manifest.encoder == "multilingual-e5-small"
     retriever = Retriever.load(SearchConfig(), paths)
     results = retriever.search_many(["What is cosine similarity?", "how does LoRA work", "what does dropout do?"], 3)
@@ -34,7 +35,24 @@ def test_default_db_cosine_question(tmp_path: Path, e5_home: Paths, e5_folder: P
 @pytest.mark.skipif(not (SHARED_DATA / "concept_db.txt").exists(), reason="../shared/ohlora-data not present")
 def test_original_db_korean_cosine_question(tmp_path: Path, e5_home: Paths, e5_folder: Path) -> None:
     paths = _home_with_encoder(tmp_path, e5_home, e5_folder)
-    report = build_index(IndexConfig(db=SHARED_DATA / "concept_db.txt", progress=False), paths)
+    config = IndexConfig(db=SHARED_DATA / "concept_db.txt", encoder="multilingual-e5-small", progress=False)
+    report = build_index(config, paths)
     assert report.manifest.count == 88
     hit = Retriever.load(SearchConfig(), paths).search("코사인 유사도가 뭐야?", 3).hits[0]
     assert hit.text.startswith("cosine similarity (코사인 유사도)")
+
+
+@pytest.mark.skipif(not (ROOT / "ohlora_rag" / "tutor" / "encoder_top.safetensors").exists(), reason="no shipped tutor")
+def test_default_tutor_encoder_and_decision_answer_or_decline(tmp_path: Path, e5_home: Paths, e5_folder: Path) -> None:
+    """Out of the box: the shipped tutor encoder, the decision fitted on data/trust_calib.csv."""
+    paths = _home_with_encoder(tmp_path, e5_home, e5_folder)
+    config = IndexConfig(
+        db=ROOT / "data" / "concepts.csv", calibration=ROOT / "data" / "trust_calib.csv", progress=False
+    )
+    report = build_index(config, paths)
+    assert report.manifest.encoder == "ohlora-tutor-e5" and report.decision is not None
+    results = Retriever.load(SearchConfig(), paths).search_many(
+        ["What is cosine similarity?", "dropout 이 뭐야?", "Who won the 2030 World Cup?", "🤖🤖🤖"], 3
+    )
+    assert [r.best.id if r.best else None for r in results] == ["cosine-similarity", "dropout", None, None]
+    assert all(r.decision == "model" for r in results)
