@@ -27,7 +27,7 @@ def test_default_db_cosine_question(tmp_path: Path, e5_home: Paths, e5_folder: P
     config = IndexConfig(db=ROOT / "data" / "concepts.csv", encoder="multilingual-e5-small", progress=False)
     report = build_index(config, paths)
     assert report.manifest.count >= 150 and report.manifest.encoder == "multilingual-e5-small"
-    retriever = Retriever.load(SearchConfig(), paths)
+    retriever = Retriever.load(SearchConfig(encoder="multilingual-e5-small"), paths)
     results = retriever.search_many(["What is cosine similarity?", "how does LoRA work", "what does dropout do?"], 3)
     assert [r.hits[0].id for r in results] == ["cosine-similarity", "lora", "dropout"]
 
@@ -38,7 +38,9 @@ def test_original_db_korean_cosine_question(tmp_path: Path, e5_home: Paths, e5_f
     config = IndexConfig(db=SHARED_DATA / "concept_db.txt", encoder="multilingual-e5-small", progress=False)
     report = build_index(config, paths)
     assert report.manifest.count == 88
-    hit = Retriever.load(SearchConfig(), paths).search("코사인 유사도가 뭐야?", 3).hits[0]
+    hit = (
+        Retriever.load(SearchConfig(encoder="multilingual-e5-small"), paths).search("코사인 유사도가 뭐야?", 3).hits[0]
+    )
     assert hit.text.startswith("cosine similarity (코사인 유사도)")
 
 
