@@ -139,7 +139,7 @@ def hybrid_recall(encoder: object, concepts: object, train: Path, held: dict[str
         keep = [i for i, k in enumerate(labelled.kinds) if k == "in_kb"]
         questions = [labelled.questions[i] for i in keep]
         gold = [labelled.positions(concepts)[i] for i in keep]  # type: ignore[arg-type]
-        signals = retriever.signals(questions, encoder.encode_queries(questions))  # type: ignore[attr-defined]
+        signals = retriever.signals(questions)
         out[name] = decide(model, signals, gold, ["in_kb"] * len(keep)).ranked_first
     return out
 

@@ -370,17 +370,24 @@ def evaluate_retrieval_cmd(
 @friendly
 def evaluate_trust_cmd(
     questions: Annotated[
-        Path,
+        Path | None,
         typer.Option(
-            "--questions", help="Labelled test questions: question, kind (in_kb|near_miss|unrelated), concept_id."
+            "--questions",
+            help="Labelled test questions: question, kind (in_kb|near_miss|unrelated), concept_id "
+            "(default: data/trust_test.csv).",
         ),
-    ] = Path("data/trust_test.csv"),
+    ] = None,
     calibration: Annotated[
-        Path, typer.Option("--calibrate", help="Labelled questions to fit each decision on (never the test file).")
-    ] = Path("data/trust_calib.csv"),
-    db: Annotated[Path, typer.Option("--db", help="The concept DB the questions are labelled against.")] = Path(
-        "data/concepts.csv"
-    ),
+        Path | None,
+        typer.Option(
+            "--calibrate",
+            help="Labelled questions to fit each decision on, never the test file (default: data/trust_calib.csv).",
+        ),
+    ] = None,
+    db: Annotated[
+        Path | None,
+        typer.Option("--db", help="The concept DB the questions are labelled against (default: data/concepts.csv)."),
+    ] = None,
     model: Annotated[
         str | None, typer.Option("--model", help="Fine-tuned encoder (default: models/sbert/ if trained).")
     ] = None,
@@ -394,8 +401,10 @@ def evaluate_trust_cmd(
     from .evaluate import TRUST_VARIANTS, compare_trust
 
     paths = _paths()
-    home = paths.home
-    test, calib, db = (home / p if (home / p).exists() else p for p in (questions, calibration, db))
+    # defaults live under the home folder, like every command's default data files; given paths are taken as given
+    test = questions if questions is not None else paths.data_dir / "trust_test.csv"
+    calib = calibration if calibration is not None else paths.data_dir / "trust_calib.csv"
+    db = db if db is not None else paths.default_db
     if test.resolve() == calib.resolve():
         raise UsageError("--questions and --calibrate name the same file — calibrate on questions you do not test on")
     variants = None if all_variants else [list(TRUST_VARIANTS)[0], list(TRUST_VARIANTS)[-1]]

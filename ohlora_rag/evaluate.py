@@ -346,8 +346,8 @@ def compare_trust(
         encoder = Encoder(ref)
         stored = in_memory_index(concepts, encoder, 64, False)
         retriever = Retriever(stored, encoder, FALLBACK_THRESHOLD)
-        calib_sig = retriever.signals(calib.questions, encoder.encode_queries(calib.questions))
-        test_sig = retriever.signals(test.questions, encoder.encode_queries(test.questions))
+        calib_sig = retriever.signals(calib.questions)
+        test_sig = retriever.signals(test.questions)
         for variant in names:
             use = TRUST_VARIANTS[variant]
             if use is None:

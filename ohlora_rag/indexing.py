@@ -74,7 +74,7 @@ def fit_on(stored: StoredIndex, encoder: Encoder, db: ConceptDB, labelled: Label
 
     gold = labelled.positions(db)
     retriever = Retriever(stored, encoder, FALLBACK_THRESHOLD)
-    signals = retriever.signals(labelled.questions, encoder.encode_queries(labelled.questions))
+    signals = retriever.signals(labelled.questions)
     return fit_decision(signals, gold, labelled.kinds, str(labelled.path))
 
 

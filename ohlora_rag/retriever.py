@@ -181,13 +181,15 @@ class Retriever:
             results.append(SearchResult(question, hits, None, seconds, self.decision.cutoff))
         return results
 
-    def signals(self, questions: Sequence[str], vectors: np.ndarray) -> list[Signals]:
+    def signals(self, questions: Sequence[str], vectors: np.ndarray | None = None) -> list[Signals]:
         """Each question's candidates — its dense top entries and its BM25 top entries — with their signals.
 
         Args:
             questions: the questions as asked.
-            vectors: their query vectors, float32 (nq, d).
+            vectors: their query vectors, float32 (nq, d); None encodes them with this retriever's encoder.
         """
+        if vectors is None:
+            vectors = self.encoder.encode_queries(list(questions))
         stored = self.stored
         if stored.lexical is None or stored.stats is None:
             raise UsageError("this index has no lexical part — rebuild it with `ohlora-rag build-index`")
