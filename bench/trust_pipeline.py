@@ -31,10 +31,10 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    from ohlora_rag.answers import is_grounded
     from ohlora_rag.config import AskConfig, Paths
     from ohlora_rag.data import load_labelled_questions
     from ohlora_rag.engine import QueryEngine
-    from ohlora_rag.evaluate import is_grounded
 
     paths = Paths.resolve(args.home)
     labelled = load_labelled_questions(args.questions)

@@ -429,6 +429,54 @@ def evaluate_trust_cmd(
     )
 
 
+@app.command("evaluate-conversations", cls=_Command)
+@friendly
+def evaluate_conversations_cmd(
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help='Conversations, one JSON object per line: {"turns": [{"q", "concept_id", "kind"}]} '
+            "(default: data/conversations_test.jsonl).",
+        ),
+    ] = None,
+    top_k: _TopK = _D.ask.top_k,
+    threshold: _Threshold = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Follow-ups and topic switches over the published index: right entry per kind of turn, switches not dragged
+    back to the old topic — with conversation memory and, for comparison, each question alone."""
+    from .config import SearchConfig
+    from .data import load_conversations
+    from .evaluate import evaluate_conversations
+    from .retriever import Retriever
+
+    paths = _paths()
+    path = data if data is not None else paths.data_dir / "conversations_test.jsonl"
+    conversations = load_conversations(path)
+    retriever = Retriever.load(SearchConfig(top_k=top_k, threshold=threshold), paths)
+    reports = {
+        "memory": evaluate_conversations(retriever, conversations, top_k),
+        "alone": evaluate_conversations(retriever, conversations, top_k, follow=False),
+    }
+    if as_json:
+        typer.echo(json.dumps({"data": str(path), **{k: r.to_dict() for k, r in reports.items()}}))
+        return
+    typer.echo(f"{path}: {len(conversations)} conversations")
+    kinds = list(reports["memory"].turns)
+    typer.echo(f"{'kind':<17}{'turns':>6}{'right':>9}{'clean':>9}{'followed':>10}{'alone: right':>14}")
+    for kind in kinds:
+        m, a = reports["memory"], reports["alone"]
+        clean = f"{m.clean[kind]:.3f}" if kind in m.clean else "-"
+        typer.echo(
+            f"{kind:<17}{m.turns[kind]:>6}{m.right[kind]:>9.3f}{clean:>9}{m.followed[kind]:>10.3f}{a.right[kind]:>14.3f}"
+        )
+    typer.echo(
+        "(right: the entry put into the prompt is the labelled one, or none for off-topic; clean: a switch's entry is "
+        "not the previous topic's; followed: retrieved for the topic as a follow-up)"
+    )
+
+
 @app.command("train-llm", cls=_Command)
 @friendly
 def train_llm_cmd(
@@ -605,14 +653,17 @@ def ask_cmd(
         if out:
             typer.echo(f"wrote {len(questions)} answers to {out}", err=True)
         return
-    on_text = (lambda piece: typer.echo(piece, nl=False)) if stream and not as_json else None
-    answer = engine.ask(questions[0], on_text=on_text)
+    answering = engine.stream(questions[0])
+    streamed = stream and not as_json
+    if streamed:
+        for piece in answering:
+            typer.echo(piece, nl=False)
+        typer.echo()
+    answer = answering.answer()
     if as_json:
         typer.echo(json.dumps(answer.to_dict(), ensure_ascii=False))
         return
-    if on_text:
-        typer.echo()
-    _print_answer(answer, streamed=on_text is not None)
+    _print_answer(answer, streamed=streamed)
 
 
 def _check_out(out: Path) -> None:
@@ -647,7 +698,11 @@ def chat_cmd(
     engine = QueryEngine.load(config, _paths())
     if engine.notice:
         typer.echo(f"notice: {engine.notice}", err=True)
-    typer.echo("Oh-LoRA ML tutor — ask a machine-learning question (empty line or 'exit' to quit).")
+    conversation = engine.conversation()
+    typer.echo(
+        "Oh-LoRA ML tutor — ask a machine-learning question; follow-ups like 'how is it computed?' stay on the "
+        "topic; 'new' starts over (empty line or 'exit' to quit)."
+    )
     with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
         # Bytes that are not UTF-8 arrive as lone surrogates instead of ending the loop with UnicodeDecodeError.
         sys.stdin.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
@@ -658,15 +713,21 @@ def chat_cmd(
             break
         if not question or question.lower() in {"exit", "quit"}:
             break
+        if question.lower() in {"new", "/new"}:
+            conversation = engine.conversation()
+            typer.echo("(new conversation)")
+            continue
         try:
             question = check_question(question)
         except UsageError as exc:  # one bad line, not the end of the conversation
             typer.echo(f"error: {exc}", err=True)
             continue
         typer.echo("tutor> ", nl=False)
-        answer = engine.ask(question, on_text=lambda piece: typer.echo(piece, nl=False))
+        answering = engine.stream(question, conversation)
+        for piece in answering:
+            typer.echo(piece, nl=False)
         typer.echo()
-        _print_answer(answer, streamed=True)
+        _print_answer(answering.answer(), streamed=True)
 
 
 _EVAL_DATA = Path("data/sft_dev.csv")
@@ -696,9 +757,9 @@ def evaluate_answers_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Generate an answer per row: abstention accuracy on no-information rows, grounding, ROUGE-L."""
+    from .answers import evaluate_answers
     from .data import SftRows, load_sft_files
-    from .evaluate import evaluate_answers
-    from .generator import Generator, choose_llm
+    from .engine import QueryEngine
 
     paths = _paths()
     files = (
@@ -707,24 +768,21 @@ def evaluate_answers_cmd(
     rows = load_sft_files(files, split=None)
     if limit is not None:
         rows = SftRows(rows.path, rows.questions[:limit], rows.entries[:limit], rows.answers[:limit])
-    config = _ask_config(top_k, threshold, max_new_tokens, 0.0, 0, base_llm, adapter, no_adapter)
-    choice = choose_llm(config.base_llm, config.adapter, paths, use_adapter=config.use_adapter)
-    generator = Generator(choice)
+    config = _ask_config(top_k, threshold, max_new_tokens, 0.0, 0, base_llm, adapter, no_adapter, no_guard=True)
+    engine = QueryEngine.load(config, paths, retrieve=full_pipeline)
+    choice = engine.generator.choice
     if choice.notice:
         typer.echo(f"notice: {choice.notice}", err=True)
 
     def generate(question: str, entry: str | None) -> str:
-        return generator.generate(generator.prompts.prompt(question, entry), max_new_tokens).text
+        return engine.stream_with(question, entry).answer().answer
 
     retrieve = None
     if full_pipeline:
-        from .config import SearchConfig
-        from .retriever import Retriever
-
-        retriever = Retriever.load(SearchConfig(top_k=top_k, threshold=threshold), paths)
 
         def retrieve(question: str) -> str | None:
-            best = retriever.search(question, top_k).best
+            assert engine.retriever is not None
+            best = engine.retriever.search(question, top_k).best
             return best.text if best else None
 
     metrics = evaluate_answers(generate, rows, retrieve)

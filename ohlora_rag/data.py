@@ -466,3 +466,45 @@ def load_labelled_questions(path: str | Path) -> LabelledQuestions:
     if not questions:
         raise DataFormatError(f"{path} has no data rows — add labelled questions")
     return LabelledQuestions(path, questions, kinds_out, golds, "id")
+
+
+CONVERSATION_KINDS = ("first", "follow_up", "switch", "offtopic_switch")
+
+
+@dataclass
+class ConversationTurn:
+    question: str
+    concept_id: str | None  # the entry that answers it (a follow-up: the conversation's topic), None: no entry
+    kind: str  # one of CONVERSATION_KINDS
+
+
+def load_conversations(path: str | Path) -> list[list[ConversationTurn]]:
+    """Multi-turn test conversations: one JSON object per line, `{"id": ..., "turns": [{"q", "concept_id",
+    "kind"}, ...]}` (see data/conversations_test.jsonl)."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"conversations file {path} not found — check the path")
+    out = []
+    for number, line in enumerate(_decode(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            turns = [ConversationTurn(str(t["q"]), t.get("concept_id"), str(t["kind"])) for t in record["turns"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataFormatError(
+                f"{path} line {number}: not a conversation ({exc}) — write "
+                '{"turns": [{"q": "...", "concept_id": "id or null", "kind": "first"}, ...]}'
+            ) from None
+        for turn in turns:
+            if turn.kind not in CONVERSATION_KINDS:
+                raise DataFormatError(
+                    f"{path} line {number}: kind {turn.kind!r} — use one of {', '.join(CONVERSATION_KINDS)}"
+                )
+        if turns:
+            out.append(turns)
+    if not out:
+        raise DataFormatError(f"{path} holds no conversations")
+    return out

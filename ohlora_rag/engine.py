@@ -1,17 +1,40 @@
-"""QueryEngine = retriever + prompt builder + generator: a question in, an answer with its sources out."""
+"""QueryEngine = retriever + prompt builder + generator: a question in, an answer with its sources out.
+
+The one way from a question to an answer: `ask`, `ask --file`, `chat`, `evaluate-answers` and the server all call
+`QueryEngine.stream` (or `ask`, which waits for the whole). A stream is an iterator of text pieces:
+
+    for piece in engine.stream("What is dropout?"):
+        print(piece, end="")
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from .answers import is_abstention
 from .config import AskConfig, Paths, SearchConfig
-from .evaluate import is_abstention
-from .generator import Generator, choose_llm
-from .prompt import DECLINE
-from .retriever import Hit, Retriever, check_question
+from .conversation import Conversation
+from .generator import Generator, LLMChoice, Reply, choose_llm
+from .prompt import DECLINE, PromptBuilder
+from .retriever import Hit, Retriever, SearchResult, check_question
+
+#: The piece a stream adds when the guard replaced an answer (see AskConfig.guard).
+GUARD_NOTE = "\n[replaced: nothing in the notes matched] "
+
+
+class TextGenerator(Protocol):
+    """What the engine needs of an LLM: its prompt builder, what was loaded, and a streamed generation.
+    `Generator` (one answer at a time) and `batching.Batcher` (many at once) implement it; so do test fakes."""
+
+    prompts: PromptBuilder
+    choice: LLMChoice
+
+    def start(
+        self, prompt: str, max_new_tokens: int = 160, temperature: float = 0.0, seed: int | None = None
+    ) -> Reply: ...
 
 
 @dataclass
@@ -27,6 +50,8 @@ class Answer:
     timings: dict[str, float] = field(default_factory=dict)
     guarded: bool = False  # the model's reply to a no-information prompt did not decline and was replaced
     cutoff: float | None = None  # the decision model's probability cutoff, when it decided
+    follow_up: bool = False  # retrieved for the conversation's topic (the question leaned on an earlier turn)
+    query: str | None = None  # the text searched, when it was not the question alone
 
     @property
     def declined(self) -> bool:
@@ -49,15 +74,86 @@ class Answer:
             "new_tokens": self.new_tokens,
             "guarded": self.guarded,
             "declined": self.declined,
+            "follow_up": self.follow_up,
+            **({"query": self.query} if self.query else {}),
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
         }
 
 
-class QueryEngine:
-    """Retrieve, apply the threshold, build the prompt, generate. Models are loaded once and reused."""
+class AnswerStream:
+    """An answer on its way: iterate for the text pieces; `answer()` waits for the end and gives the `Answer`."""
 
     def __init__(
-        self, retriever: Retriever, generator: Generator, config: AskConfig, load_seconds: float = 0.0
+        self,
+        engine: QueryEngine,
+        question: str,
+        result: SearchResult | None,
+        used: Hit | None,
+        reply: Reply,
+        retrieve_seconds: float,
+        follow_up: bool = False,
+        query: str | None = None,
+    ) -> None:
+        self.question = question
+        self.result = result
+        self.used = used
+        self.follow_up = follow_up
+        self.query = query
+        self._engine = engine
+        self._reply = reply
+        self._retrieve = retrieve_seconds
+        self._answer: Answer | None = None
+        self._pieces: list[str] = []
+
+    def __iter__(self) -> Iterator[str]:
+        if self._answer is not None:
+            return
+        for piece in self._reply:
+            self._pieces.append(piece)
+            yield piece
+        answer = self._finish()
+        if answer.guarded:
+            yield GUARD_NOTE + DECLINE
+
+    def cancel(self) -> None:
+        """Stop generating (the learner went away)."""
+        self._reply.cancel()
+
+    def answer(self) -> Answer:
+        for _ in self:
+            pass
+        assert self._answer is not None
+        return self._answer
+
+    def _finish(self) -> Answer:
+        generation = self._reply.result()
+        config = self._engine.config
+        text, guarded = generation.text, False
+        if self.used is None and self.result is not None and config.guard and not is_abstention(text):
+            text, guarded = DECLINE, True
+        timings = {"load": self._engine.load_seconds, "retrieve": self._retrieve, "generate": generation.seconds}
+        result = self.result
+        self._answer = Answer(
+            self.question,
+            text,
+            self.used,
+            result.hits if result else [],
+            result.threshold if result else None,
+            generation.new_tokens,
+            timings,
+            guarded,
+            result.cutoff if result else None,
+            self.follow_up,
+            self.query,
+        )
+        return self._answer
+
+
+class QueryEngine:
+    """Retrieve (following the conversation), decide, build the prompt, generate. Models load once."""
+
+    def __init__(
+        self, retriever: Retriever | None, generator: TextGenerator, config: AskConfig, load_seconds: float = 0.0
     ) -> None:
         self.retriever = retriever
         self.generator = generator
@@ -65,35 +161,63 @@ class QueryEngine:
         self.load_seconds = load_seconds
 
     @classmethod
-    def load(cls, config: AskConfig | None = None, paths: Paths | None = None) -> QueryEngine:
+    def load(
+        cls, config: AskConfig | None = None, paths: Paths | None = None, retrieve: bool = True, batch: bool = False
+    ) -> QueryEngine:
+        """Load the index + encoder (unless `retrieve` is False: answers from given entries only) and the LLM;
+        `batch` generates concurrent answers together (the server)."""
         config = config or AskConfig()
         paths = paths or Paths.resolve()
         start = time.perf_counter()
-        retriever = Retriever.load(SearchConfig(top_k=config.top_k, threshold=config.threshold), paths)
-        generator = Generator(choose_llm(config.base_llm, config.adapter, paths, config.template, config.use_adapter))
+        retriever = (
+            Retriever.load(SearchConfig(top_k=config.top_k, threshold=config.threshold), paths) if retrieve else None
+        )
+        generator: TextGenerator = Generator(
+            choose_llm(config.base_llm, config.adapter, paths, config.template, config.use_adapter)
+        )
+        if batch:
+            from .batching import Batcher
+
+            generator = Batcher(generator)  # type: ignore[arg-type]
         return cls(retriever, generator, config, time.perf_counter() - start)
 
     @property
     def notice(self) -> str | None:
         return self.generator.choice.notice
 
-    def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> Answer:
-        """Answer one question (streaming pieces to `on_text` when given)."""
+    def conversation(self, history: Sequence[str] = ()) -> Conversation:
+        """A conversation that has already asked the user questions in `history` (oldest first)."""
+        assert self.retriever is not None, "this engine was loaded without retrieval"
+        return Conversation.replay(self.retriever, history, self.config.top_k)
+
+    def stream(self, question: str, conversation: Conversation | None = None) -> AnswerStream:
+        """Start answering `question` (in `conversation`, when given: a follow-up retrieves for its topic)."""
         question = check_question(question)
         start = time.perf_counter()
-        result = self.retriever.search(question, self.config.top_k)
-        retrieve = time.perf_counter() - start
+        conversation = conversation if conversation is not None else self.conversation()
+        result = conversation.search(question)
+        turn = conversation.turns[-1]
         used = result.best
-        prompt = self.generator.prompts.prompt(question, used.text if used else None)
-        generation = self.generator.generate(
-            prompt, self.config.max_new_tokens, self.config.temperature, self.config.seed, on_text=on_text
+        reply = self.generator.start(
+            self.generator.prompts.prompt(question, used.text if used else None),
+            self.config.max_new_tokens,
+            self.config.temperature,
+            self.config.seed,
         )
-        timings = {"load": self.load_seconds, "retrieve": retrieve, "generate": generation.seconds}
-        text, guarded = generation.text, False
-        if used is None and self.config.guard and not is_abstention(text):
-            text, guarded = DECLINE, True
-            if on_text:
-                on_text(f"\n[replaced: nothing in the notes matched] {DECLINE}")
-        return Answer(
-            question, text, used, result.hits, result.threshold, generation.new_tokens, timings, guarded, result.cutoff
+        query = turn.query if turn.follow_up else None
+        return AnswerStream(self, question, result, used, reply, time.perf_counter() - start, turn.follow_up, query)
+
+    def ask(self, question: str, conversation: Conversation | None = None) -> Answer:
+        """The whole answer to `question`."""
+        return self.stream(question, conversation).answer()
+
+    def stream_with(self, question: str, entry: str | None) -> AnswerStream:
+        """Answer from a given entry (None: "no matching information"), no retrieval: for evaluating the LLM."""
+        question = check_question(question)
+        reply = self.generator.start(
+            self.generator.prompts.prompt(question, entry),
+            self.config.max_new_tokens,
+            self.config.temperature,
+            self.config.seed,
         )
+        return AnswerStream(self, question, None, None, reply, 0.0)

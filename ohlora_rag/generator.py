@@ -1,10 +1,15 @@
-"""The answering LLM: a base model plus the LoRA adapter (merged at load) -> an answer that stops at EOS."""
+"""The answering LLM: a base model plus the LoRA adapter (merged at load) -> an answer that stops at EOS.
+
+Generation is a `Reply`: an iterator of text pieces as they are generated, whose `result()` is the whole answer.
+Several prompts can be generated in one batch (`run`), which is how the server answers many learners at once.
+"""
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,74 +123,224 @@ class Generator:
         self.model = model.to(self.device).eval()
         self.prompts = PromptBuilder.create(self.tokenizer, choice.template)
 
-    def generate(
-        self,
-        prompt: str,
-        max_new_tokens: int = 160,
-        temperature: float = 0.0,
-        seed: int | None = None,
-        on_text: Callable[[str], None] | None = None,
-    ) -> Generation:
-        """Continue `prompt` until EOS (or a template stop string, or `max_new_tokens`).
+    def start(self, prompt: str, max_new_tokens: int = 160, temperature: float = 0.0, seed: int | None = None) -> Reply:
+        """Start generating an answer to `prompt` in a worker thread; iterate the reply for its pieces.
 
         Args:
             prompt: text from `self.prompts.prompt(...)`.
             max_new_tokens: hard cap on the answer length.
             temperature: 0 means greedy decoding; above 0 samples.
             seed: seeds sampling for reproducible answers.
-            on_text: called with each new piece of text as it is generated (streaming).
+        """
+        pending = self.pending(prompt, max_new_tokens, temperature, seed)
+        threading.Thread(target=self.run, args=([pending],), daemon=True).start()
+        return pending.reply
+
+    def generate(
+        self, prompt: str, max_new_tokens: int = 160, temperature: float = 0.0, seed: int | None = None
+    ) -> Generation:
+        """The whole answer to `prompt` (see `start`)."""
+        return self.start(prompt, max_new_tokens, temperature, seed).result()
+
+    def pending(self, prompt: str, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None) -> Pending:
+        """A prompt tokenised and waiting for `run` (alone or batched with others)."""
+        ids = encode_prompt(self.tokenizer, prompt)
+        return Pending(Reply(), ids, max_new_tokens, temperature, seed)
+
+    def run(self, batch: Sequence[Pending]) -> None:
+        """Generate every prompt of `batch` in one `generate` call and end their replies.
+
+        Prompts are left-padded to one length; greedy rows give the answer they give alone. Rows end on their own
+        (EOS, stop marker, own `max_new_tokens`, cancelled); the call ends when all have. Sampled rows run alone.
         """
         import torch
-        from transformers import TextIteratorStreamer, set_seed
+        from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
+        from transformers.generation.streamers import BaseStreamer
 
-        ids = torch.tensor([encode_prompt(self.tokenizer, prompt)], device=self.device)
-        kwargs: dict[str, Any] = {
-            "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "max_new_tokens": max_new_tokens,
-            "eos_token_id": self.tokenizer.eos_token_id,
-            "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-            "do_sample": temperature > 0,
-        }
-        if temperature > 0:
-            kwargs["temperature"] = temperature
-            set_seed(0 if seed is None else seed)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        if self.prompts.stop_strings:
-            kwargs.update(stop_strings=self.prompts.stop_strings, tokenizer=self.tokenizer)
         start = time.perf_counter()
-        if on_text is None:
-            with torch.inference_mode():
-                out = self.model.generate(**kwargs)
-            new = out[0, ids.shape[1] :]
-            text = self.tokenizer.decode(new, skip_special_tokens=False)
-            return Generation(self.prompts.clean(text), int(new.shape[0]), time.perf_counter() - start)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False)
-        result: dict[str, Any] = {}
-
-        def run() -> None:
-            with torch.inference_mode():
-                result["out"] = self.model.generate(**kwargs, streamer=streamer)
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
         stops = [*self.prompts.stop_strings, self.tokenizer.eos_token]
-        hold = max(len(stop) for stop in stops) - 1  # a tail that may still grow into a stop marker waits
-        text, emitted = "", 0
-        for piece in streamer:
-            text += piece
-            visible = _cut(text, stops)
-            safe = len(visible) if len(visible) < len(text) else max(len(visible) - hold, emitted)
-            if safe > emitted:
-                on_text(visible[emitted:safe])
-                emitted = safe
-        visible = _cut(text, stops).rstrip()
-        if len(visible) > emitted:
-            on_text(visible[emitted:])
-        thread.join()
-        new_tokens = int(result["out"].shape[1] - ids.shape[1])
-        return Generation(self.prompts.clean(text), new_tokens, time.perf_counter() - start)
+        rows = [_Row(p.reply, p.ids, p.max_new_tokens, stops) for p in batch]
+        tokenizer = self.tokenizer
+        try:
+            pad = (
+                self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+            )
+            width = max(len(row.prompt_ids) for row in rows)
+            ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=self.device)
+            mask = torch.tensor(
+                [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=self.device
+            )
+
+            class Fanout(BaseStreamer):  # type: ignore[misc]
+                """Each step's new tokens (one per row) to their rows; the first call is the prompt."""
+
+                prompt_seen = False
+
+                def put(self, value: Any) -> None:
+                    if not self.prompt_seen:
+                        self.prompt_seen = True
+                        return
+                    for row, token in zip(rows, value.reshape(-1).tolist()):
+                        row.take(int(token), tokenizer)
+
+                def end(self) -> None:
+                    pass
+
+            class RowsDone(StoppingCriteria):  # type: ignore[misc]
+                def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                    return torch.tensor([row.done or row.reply.cancelled for row in rows], device=input_ids.device)
+
+            first = batch[0]
+            kwargs: dict[str, Any] = {
+                "input_ids": ids,
+                "attention_mask": mask,
+                "max_new_tokens": max(row.max_new_tokens for row in rows),
+                "eos_token_id": self.tokenizer.eos_token_id,
+                "pad_token_id": pad,
+                "do_sample": first.temperature > 0,
+                "streamer": Fanout(),
+                "stopping_criteria": StoppingCriteriaList([RowsDone()]),
+            }
+            if first.temperature > 0:
+                kwargs["temperature"] = first.temperature
+                set_seed(0 if first.seed is None else first.seed)
+            else:
+                kwargs.update(temperature=None, top_p=None, top_k=None)
+            with torch.inference_mode():
+                self.model.generate(**kwargs)
+        except BaseException as exc:  # noqa: BLE001 — handed to every waiting consumer, never lost in a thread
+            for row in rows:
+                row.reply.fail(exc)
+            return
+        seconds = time.perf_counter() - start
+        for row in rows:
+            row.close(self.prompts.clean, seconds)
+
+
+@dataclass
+class Pending:
+    """A tokenised prompt waiting to be generated, and the reply its pieces go to."""
+
+    reply: Reply
+    ids: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    seed: int | None = None
+
+
+class Reply:
+    """One answer being generated: iterate it for the text pieces as they arrive; `result()` waits for the end.
+
+    The producer (a generation thread) calls `put`, then `finish` or `fail`; `cancel()` asks it to stop early
+    (a client went away). Iterating twice, or after `result()`, yields nothing more.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._cancelled = threading.Event()
+        self._generation: Generation | None = None
+        self._error: BaseException | None = None
+        self._ended = False
+
+    @classmethod
+    def finished(cls, pieces: list[str], generation: Generation) -> Reply:
+        """A reply whose text is already known (fakes, fixed answers)."""
+        reply = cls()
+        for piece in pieces:
+            reply.put(piece)
+        reply.finish(generation)
+        return reply
+
+    def put(self, piece: str) -> None:
+        self._queue.put(piece)
+
+    def finish(self, generation: Generation) -> None:
+        self._generation = generation
+        self._queue.put(_END)
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._queue.put(_END)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def __iter__(self) -> Iterator[str]:
+        while not self._ended:
+            item = self._queue.get()
+            if item is _END:
+                self._ended = True
+                break
+            yield item
+        if self._error is not None:
+            raise self._error
+
+    def next_piece(self, timeout: float | None = None) -> str | None:
+        """The next piece, or None at the end (for consumers that cannot iterate: async code in a thread)."""
+        if self._ended:
+            if self._error is not None:
+                raise self._error
+            return None
+        item = self._queue.get(timeout=timeout)
+        if item is _END:
+            self._ended = True
+            if self._error is not None:
+                raise self._error
+            return None
+        return str(item)
+
+    def result(self) -> Generation:
+        """The whole answer, once generation has ended."""
+        for _ in self:
+            pass
+        assert self._generation is not None
+        return self._generation
+
+
+_END = object()
+
+
+class _Row:
+    """One prompt inside a (batched) `generate` call: its tokens so far, its limit, and the text handed out."""
+
+    def __init__(self, reply: Reply, prompt_ids: list[int], max_new_tokens: int, stops: list[str]) -> None:
+        self.reply = reply
+        self.prompt_ids = prompt_ids
+        self.max_new_tokens = max_new_tokens
+        self.stops = stops
+        self.hold = max(len(stop) for stop in stops) - 1  # a tail that may still grow into a stop marker waits
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.done = False
+
+    def take(self, token: int, tokenizer: Any) -> None:
+        """One new token: hand out the text that can no longer change; end at EOS, a stop marker or the limit."""
+        if self.done:
+            return
+        self.ids.append(token)
+        self.text = tokenizer.decode(self.ids, skip_special_tokens=False)
+        visible = _cut(self.text, self.stops)
+        stopped = len(visible) < len(self.text) or token == tokenizer.eos_token_id
+        if stopped or len(self.ids) >= self.max_new_tokens or self.reply.cancelled:
+            self.done = True
+            return
+        safe = max(len(visible.rstrip("\ufffd")) - self.hold, self.emitted)  # U+FFFD: half a multi-byte character
+        if safe > self.emitted:
+            self.reply.put(visible[self.emitted : safe])
+            self.emitted = safe
+
+    def close(self, clean: Callable[[str], str], seconds: float) -> None:
+        """Hand out the rest and end the reply."""
+        self.done = True
+        visible = _cut(self.text, self.stops).rstrip()
+        if len(visible) > self.emitted:
+            self.reply.put(visible[self.emitted :])
+        self.reply.finish(Generation(clean(self.text), len(self.ids), seconds))
 
 
 def _cut(text: str, stops: list[str]) -> str:

@@ -16,7 +16,8 @@ import numpy as np
 
 LEXICAL_DIR = "bm25"
 
-_WORD = re.compile(r"\w+", re.UNICODE)
+# words; a Hangul run and a Latin/digit run are separate words ("dropout이" -> "dropout", "이")
+_WORD = re.compile(r"[\uac00-\ud7a3]+|[^\W\uac00-\ud7a3]+", re.UNICODE)
 _HANGUL = re.compile(r"[\uac00-\ud7a3]")
 _STOP = frozenset(
     [

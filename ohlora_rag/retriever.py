@@ -99,6 +99,8 @@ class Retriever:
         self.threshold = threshold
         self.decision = decision if stored.lexical is not None and stored.stats is not None else None
         self._names: dict[int, list[set[str]]] = {}
+        self._recent: dict[str, np.ndarray] = {}
+        self._typical_mean: float | None = None
 
     @classmethod
     def load(cls, config: SearchConfig | None = None, paths: Paths | None = None) -> Retriever:
@@ -133,7 +135,7 @@ class Retriever:
         """Top-k entries for each question (one encoder batch, one Faiss call)."""
         cleaned = [check_question(q) for q in questions]
         start = time.perf_counter()
-        vectors = self.encoder.encode_queries(cleaned)  # (nq, d)
+        vectors = self._vectors(cleaned[0]) if len(cleaned) == 1 else self.encoder.encode_queries(cleaned)  # (nq, d)
         if not np.isfinite(vectors).all():
             raise OhloraError(
                 f"encoder {self.encoder.ref.reference} returned non-finite vectors for the question — check the "
@@ -213,6 +215,41 @@ class Retriever:
             name = np.asarray([self._name_match(words, int(p)) for p in positions], dtype=np.float64)
             out.append(Signals(positions, cosine, bm[positions], name, float(mu[i]), float(sigma[i]), float(bm.max())))
         return out
+
+    def relatedness(self, question: str, position: int) -> tuple[float, float]:
+        """How the question relates to one entry and to the DB as a whole.
+
+        Returns:
+            z: how far above the question's mean cosine over the whole DB its cosine to the entry lies, in standard
+               deviations;
+            domain: the question's mean cosine over the DB relative to a typical entry's (about 1 for a question in
+               the DB's field, lower for one about something else).
+            Both are 0 for an index without score statistics.
+        """
+        stats = self.stored.stats
+        if stats is None:
+            return 0.0, 0.0
+        vector = self._vectors(question)
+        cosine = float((self.stored.vectors.vectors_at(np.asarray([position])) @ vector[0])[0])
+        mu, sigma = stats.mu_sigma(vector)
+        if self._typical_mean is None:
+            entries = self.stored.vectors.vectors_at(np.arange(self.stored.vectors.ntotal))
+            self._typical_mean = float(np.median(stats.mu_sigma(entries)[0]))
+        return (cosine - float(mu[0])) / float(sigma[0]), float(mu[0]) / max(self._typical_mean, 1e-6)
+
+    def _vectors(self, question: str) -> np.ndarray:
+        """The question's query vector, (1, d), remembered for the last few questions (a conversation asks twice)."""
+        vector = self._recent.get(question)
+        if vector is None:
+            vector = self.encoder.encode_queries([question])
+            if len(self._recent) >= 64:
+                self._recent.pop(next(iter(self._recent)))
+            self._recent[question] = vector
+        return vector
+
+    def names(self, question: str, position: int) -> float:
+        """Share of the entry's best-covered name (or alias) that the question contains (1.0: it names the entry)."""
+        return self._name_match(set(tokenize(question)), position)
 
     def _name_match(self, words: set[str], position: int) -> float:
         """Share of the entry's best-covered name (or alias) that the question's tokens contain."""

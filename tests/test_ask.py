@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 from transformers import AutoTokenizer
@@ -12,7 +11,7 @@ from typer.testing import CliRunner
 
 import ohlora_rag.engine as engine_module
 from ohlora_rag.cli import app
-from ohlora_rag.generator import Generation, LLMChoice
+from ohlora_rag.generator import Generation, LLMChoice, Reply
 from ohlora_rag.prompt import NO_INFO, PromptBuilder
 
 runner = CliRunner()
@@ -28,20 +27,10 @@ class ScriptedGenerator:
         self.choice = choice
         self.prompts = PromptBuilder.create(AutoTokenizer.from_pretrained(choice.base.path), choice.template)
 
-    def generate(
-        self,
-        prompt: str,
-        max_new_tokens: int = 160,
-        temperature: float = 0.0,
-        seed: int | None = None,
-        on_text: Any = None,
-    ) -> Generation:
+    def start(self, prompt: str, max_new_tokens: int = 160, temperature: float = 0.0, seed: int | None = None) -> Reply:
         ScriptedGenerator.prompts_seen.append(prompt)
         text = "I have no notes on that." if NO_INFO in prompt else "Precision counts false alarms."
-        if on_text:
-            for word in text.split(" "):
-                on_text(word + " ")
-        return Generation(text, len(text.split()), 0.01)
+        return Reply.finished([word + " " for word in text.split(" ")], Generation(text, len(text.split()), 0.01))
 
 
 @pytest.fixture
@@ -135,8 +124,9 @@ def test_streamed_pieces_make_the_answer(tiny_lm: Path, tmp_path: Path) -> None:
 
     generator = Generator(choose_llm(str(tiny_lm), None, Paths(tmp_path)), device="cpu")
     prompt = generator.prompts.prompt("what is precision ?", PRECISION)
-    pieces: list[str] = []
-    streamed = generator.generate(prompt, max_new_tokens=12, on_text=pieces.append)
+    reply = generator.start(prompt, max_new_tokens=12)
+    pieces = list(reply)
+    streamed = reply.result()
     plain = generator.generate(prompt, max_new_tokens=12)
     assert streamed.text == plain.text  # greedy: the same answer either way
     assert "".join(pieces).strip() == plain.text and streamed.new_tokens == plain.new_tokens
@@ -153,16 +143,10 @@ def test_no_adapter_answers_with_the_base_model(scripted: Path, home: Path, tmp_
 class InventingGenerator(ScriptedGenerator):
     """A model that answers everything, even without information."""
 
-    def generate(
-        self,
-        prompt: str,
-        max_new_tokens: int = 160,
-        temperature: float = 0.0,
-        seed: int | None = None,
-        on_text: Any = None,
-    ) -> Generation:
+    def start(self, prompt: str, max_new_tokens: int = 160, temperature: float = 0.0, seed: int | None = None) -> Reply:
         ScriptedGenerator.prompts_seen.append(prompt)
-        return Generation("The president of France is someone I made up.", 9, 0.01)
+        text = "The president of France is someone I made up."
+        return Reply.finished([text], Generation(text, 9, 0.01))
 
 
 def test_guard_replaces_an_invented_answer_when_nothing_matched(

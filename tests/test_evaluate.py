@@ -6,15 +6,8 @@ import math
 
 import pytest
 
-from ohlora_rag.evaluate import (
-    calibrate,
-    is_abstention,
-    is_grounded,
-    key_terms,
-    pair_metrics,
-    ranking_metrics,
-    rouge_l,
-)
+from ohlora_rag.answers import is_abstention, is_grounded, key_terms, rouge_l
+from ohlora_rag.evaluate import calibrate, pair_metrics, ranking_metrics
 
 
 def test_pair_metrics_by_hand() -> None:
