@@ -437,7 +437,7 @@ def evaluate_conversations_cmd(
         typer.Option(
             "--data",
             help='Conversations, one JSON object per line: {"turns": [{"q", "concept_id", "kind"}]} '
-            "(default: data/conversations_test.jsonl).",
+            "(default: data/conversations_holdout.jsonl).",
         ),
     ] = None,
     top_k: _TopK = _D.ask.top_k,
@@ -452,7 +452,7 @@ def evaluate_conversations_cmd(
     from .retriever import Retriever
 
     paths = _paths()
-    path = data if data is not None else paths.data_dir / "conversations_test.jsonl"
+    path = data if data is not None else paths.data_dir / "conversations_holdout.jsonl"
     conversations = load_conversations(path)
     retriever = Retriever.load(SearchConfig(top_k=top_k, threshold=threshold), paths)
     reports = {
@@ -728,6 +728,55 @@ def chat_cmd(
             typer.echo(piece, nl=False)
         typer.echo()
         _print_answer(answering.answer(), streamed=True)
+
+
+@app.command("serve", cls=_Command)
+@friendly
+def serve_cmd(
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind; a non-local one needs --api-key.")
+    ] = _D.serve.host,
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = _D.serve.port,
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", envvar="OHLORA_API_KEY", help="Bearer token every /v1 request must carry."),
+    ] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option("--cors-origin", help="An origin allowed to call the API from its pages; repeat for several."),
+    ] = None,
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", help="Most answers generated together.")
+    ] = _D.serve.max_batch,
+    top_k: _TopK = _D.ask.top_k,
+    threshold: _Threshold = None,
+    max_new_tokens: _MaxNew = _D.ask.max_new_tokens,
+    base_llm: _BaseLLM = None,
+    adapter: _Adapter = None,
+    no_adapter: _NoAdapter = False,
+    no_guard: _NoGuard = False,
+) -> None:
+    """Serve the tutor: a web chat page at /, an OpenAI-compatible API at /v1 (chat completions with streaming,
+    models, search), /health. Models load once; follow-up questions use the conversation; Ctrl-C or SIGTERM stops
+    after the answers in flight."""
+    from .config import ServeConfig
+    from .engine import QueryEngine
+    from .server import serve
+
+    config = ServeConfig(
+        host=host, port=port, api_key=api_key, cors_origins=tuple(cors_origin or ()), max_batch=max_batch
+    )
+    ask = _ask_config(top_k, threshold, max_new_tokens, 0.0, 0, base_llm, adapter, no_adapter, no_guard)
+    paths = _paths()
+
+    def load() -> QueryEngine:
+        engine = QueryEngine.load(ask, paths, batch=config.max_batch)
+        if engine.notice:
+            typer.echo(f"notice: {engine.notice}", err=True)
+        typer.echo(f"ready (models loaded in {engine.load_seconds:.1f}s)", err=True)
+        return engine
+
+    serve(config, load, lambda line: typer.echo(line, err=True))
 
 
 _EVAL_DATA = Path("data/sft_dev.csv")

@@ -278,6 +278,46 @@ class AskConfig:
             raise UsageError(f"--temperature {self.temperature}: must be 0 (greedy) or more")
 
 
+#: Hosts `serve` binds without an API key: loopback only.
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServeConfig:
+    """`serve` settings."""
+
+    host: str = "127.0.0.1"
+    """Address to bind; anything but loopback needs an API key."""
+    port: int = 8000
+    api_key: str | None = None
+    """Bearer token every API request must carry; required to bind a non-local address."""
+    cors_origins: tuple[str, ...] = ()
+    """Origins allowed to call the API from a browser page served elsewhere (none: same origin only)."""
+    max_batch: int = 8
+    """Most answers generated together in one batch."""
+    max_body_bytes: int = 1_000_000
+    """Largest request body accepted (413 above)."""
+    max_question_chars: int = 4_000
+    """Longest question (the last user message) accepted (400 above)."""
+    max_history_messages: int = 40
+    """Most earlier messages of a conversation read for its topic (older ones are ignored)."""
+    shutdown_grace_seconds: float = 60.0
+    """On SIGTERM/Ctrl-C, how long answers in flight may take to finish."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise UsageError(f"--port {self.port}: must be between 1 and 65535")
+        if self.host not in LOCAL_HOSTS and not self.api_key:
+            raise UsageError(
+                f"--host {self.host}: binding a non-local address needs --api-key KEY (or $OHLORA_API_KEY), so "
+                "that only clients with the key can use the tutor"
+            )
+        if self.max_batch < 1:
+            raise UsageError(f"--max-batch {self.max_batch}: must be at least 1")
+        if "*" in self.cors_origins:
+            raise UsageError("--cors-origin *: name the origins that may call the API (e.g. http://localhost:3000)")
+
+
 @dataclass
 class Defaults:
     """Everything above in one object, for `--help` texts and the README."""
@@ -286,6 +326,7 @@ class Defaults:
     search: SearchConfig = field(default_factory=SearchConfig)
     sbert: SbertTrainConfig = field(default_factory=lambda: SbertTrainConfig(data=Path("data/sbert_train.csv")))
     ask: AskConfig = field(default_factory=AskConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     llm: LlmTrainConfig = field(
         default_factory=lambda: LlmTrainConfig(data=[Path("data/sft_train.csv"), Path("data/sft_mismatch_train.csv")])
     )

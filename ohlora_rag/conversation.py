@@ -14,7 +14,7 @@ switch and must not be dragged back. The rule, per turn, once the conversation h
    are searched together, and that result is kept when it matches;
 4. else the question's own result stands (which may be "nothing matched").
 
-The constants were tuned on data/conversations_dev.jsonl; data/conversations_test.jsonl measures them
+The constants were tuned on data/conversations_dev.jsonl; data/conversations_holdout.jsonl measures them
 (`ohlora-rag evaluate-conversations`, README).
 
 The topic is carried as the text that found it (the question that set it, joined with the follow-ups on it), so

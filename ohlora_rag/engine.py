@@ -50,6 +50,7 @@ class Answer:
     timings: dict[str, float] = field(default_factory=dict)
     guarded: bool = False  # the model's reply to a no-information prompt did not decline and was replaced
     cutoff: float | None = None  # the decision model's probability cutoff, when it decided
+    prompt_tokens: int = 0
     follow_up: bool = False  # retrieved for the conversation's topic (the question leaned on an earlier turn)
     query: str | None = None  # the text searched, when it was not the question alone
 
@@ -93,12 +94,15 @@ class AnswerStream:
         retrieve_seconds: float,
         follow_up: bool = False,
         query: str | None = None,
+        max_new_tokens: int | None = None,
     ) -> None:
         self.question = question
         self.result = result
         self.used = used
         self.follow_up = follow_up
+        self.max_new_tokens = max_new_tokens  # the answer's token limit
         self.query = query
+        self.max_new_tokens = max_new_tokens  # the answer's token limit
         self._engine = engine
         self._reply = reply
         self._retrieve = retrieve_seconds
@@ -143,6 +147,7 @@ class AnswerStream:
             timings,
             guarded,
             result.cutoff if result else None,
+            generation.prompt_tokens,
             self.follow_up,
             self.query,
         )
@@ -162,10 +167,14 @@ class QueryEngine:
 
     @classmethod
     def load(
-        cls, config: AskConfig | None = None, paths: Paths | None = None, retrieve: bool = True, batch: bool = False
+        cls,
+        config: AskConfig | None = None,
+        paths: Paths | None = None,
+        retrieve: bool = True,
+        batch: int | None = None,
     ) -> QueryEngine:
         """Load the index + encoder (unless `retrieve` is False: answers from given entries only) and the LLM;
-        `batch` generates concurrent answers together (the server)."""
+        `batch` generates up to that many concurrent answers together (the server)."""
         config = config or AskConfig()
         paths = paths or Paths.resolve()
         start = time.perf_counter()
@@ -178,7 +187,7 @@ class QueryEngine:
         if batch:
             from .batching import Batcher
 
-            generator = Batcher(generator)  # type: ignore[arg-type]
+            generator = Batcher(generator, max_batch=batch)  # type: ignore[arg-type]
         return cls(retriever, generator, config, time.perf_counter() - start)
 
     @property
@@ -190,22 +199,34 @@ class QueryEngine:
         assert self.retriever is not None, "this engine was loaded without retrieval"
         return Conversation.replay(self.retriever, history, self.config.top_k)
 
-    def stream(self, question: str, conversation: Conversation | None = None) -> AnswerStream:
-        """Start answering `question` (in `conversation`, when given: a follow-up retrieves for its topic)."""
+    def stream(
+        self,
+        question: str,
+        conversation: Conversation | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
+    ) -> AnswerStream:
+        """Start answering `question` (in `conversation`, when given: a follow-up retrieves for its topic).
+
+        `max_new_tokens`, `temperature` and `seed` override the engine's settings for this answer (the server's
+        per-request values)."""
         question = check_question(question)
         start = time.perf_counter()
         conversation = conversation if conversation is not None else self.conversation()
         result = conversation.search(question)
         turn = conversation.turns[-1]
         used = result.best
+        limit = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         reply = self.generator.start(
             self.generator.prompts.prompt(question, used.text if used else None),
-            self.config.max_new_tokens,
-            self.config.temperature,
-            self.config.seed,
+            limit,
+            self.config.temperature if temperature is None else temperature,
+            self.config.seed if seed is None else seed,
         )
         query = turn.query if turn.follow_up else None
-        return AnswerStream(self, question, result, used, reply, time.perf_counter() - start, turn.follow_up, query)
+        seconds = time.perf_counter() - start
+        return AnswerStream(self, question, result, used, reply, seconds, turn.follow_up, query, limit)
 
     def ask(self, question: str, conversation: Conversation | None = None) -> Answer:
         """The whole answer to `question`."""

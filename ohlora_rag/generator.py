@@ -25,6 +25,7 @@ class Generation:
     text: str
     new_tokens: int
     seconds: float
+    prompt_tokens: int = 0
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
@@ -340,7 +341,7 @@ class _Row:
         visible = _cut(self.text, self.stops).rstrip()
         if len(visible) > self.emitted:
             self.reply.put(visible[self.emitted :])
-        self.reply.finish(Generation(clean(self.text), len(self.ids), seconds))
+        self.reply.finish(Generation(clean(self.text), len(self.ids), seconds, len(self.prompt_ids)))
 
 
 def _cut(text: str, stops: list[str]) -> str:

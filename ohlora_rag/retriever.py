@@ -6,6 +6,7 @@ index has one and no `--threshold` is given; else the best cosine against a thre
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -100,6 +101,7 @@ class Retriever:
         self.decision = decision if stored.lexical is not None and stored.stats is not None else None
         self._names: dict[int, list[set[str]]] = {}
         self._recent: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
         self._typical_mean: float | None = None
 
     @classmethod
@@ -239,12 +241,14 @@ class Retriever:
 
     def _vectors(self, question: str) -> np.ndarray:
         """The question's query vector, (1, d), remembered for the last few questions (a conversation asks twice)."""
-        vector = self._recent.get(question)
+        with self._lock:
+            vector = self._recent.get(question)
         if vector is None:
             vector = self.encoder.encode_queries([question])
-            if len(self._recent) >= 64:
-                self._recent.pop(next(iter(self._recent)))
-            self._recent[question] = vector
+            with self._lock:
+                if len(self._recent) >= 64:
+                    self._recent.pop(next(iter(self._recent)))
+                self._recent[question] = vector
         return vector
 
     def names(self, question: str, position: int) -> float:
