@@ -34,6 +34,7 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="ohlora-batcher", daemon=True)
         self._thread.start()
         self.batches: list[int] = []  # the size of every batch run so far (for tests and the bench)
+        self.steps: list[int] = []  # ... and its decoding steps
 
     @property
     def prompts(self) -> Any:
@@ -91,4 +92,4 @@ class Batcher:
             if not batch:
                 continue
             self.batches.append(len(batch))
-            self.generator.run(batch)
+            self.steps.append(self.generator.run(batch))

@@ -148,11 +148,14 @@ class Generator:
         ids = encode_prompt(self.tokenizer, prompt)
         return Pending(Reply(), ids, max_new_tokens, temperature, seed)
 
-    def run(self, batch: Sequence[Pending]) -> None:
+    def run(self, batch: Sequence[Pending]) -> int:
         """Generate every prompt of `batch` in one `generate` call and end their replies.
 
         Prompts are left-padded to one length; greedy rows give the answer they give alone. Rows end on their own
         (EOS, stop marker, own `max_new_tokens`, cancelled); the call ends when all have. Sampled rows run alone.
+
+        Returns:
+            the number of decoding steps run (the longest row's new tokens).
         """
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
@@ -212,10 +215,11 @@ class Generator:
         except BaseException as exc:  # noqa: BLE001 — handed to every waiting consumer, never lost in a thread
             for row in rows:
                 row.reply.fail(exc)
-            return
+            return 0
         seconds = time.perf_counter() - start
         for row in rows:
             row.close(self.prompts.clean, seconds)
+        return max(len(row.ids) for row in rows)
 
 
 @dataclass

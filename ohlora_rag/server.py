@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import signal
 import threading
 import time
 import uuid
@@ -427,15 +428,30 @@ def _web_file(name: str) -> str:
 
 def serve(config: ServeConfig, load: Callable[[], QueryEngine], log: Callable[[str], None]) -> None:
     """Run the server until SIGTERM / Ctrl-C (answers in flight finish first)."""
+    import sys
+
     import uvicorn
 
+    # uvicorn finishes the requests in flight on SIGTERM, then re-raises the signal: end with status 0 instead, as
+    # after Ctrl-C — a stop that was asked for is not a failure.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     app = create_app(load, config)
     where = f"http://{'[' + config.host + ']' if ':' in config.host else config.host}:{config.port}"
     log(f"serving the tutor at {where}/ (OpenAI API at {where}/v1, model {MODEL_ID!r}); loading models ...")
-    uvicorn.run(
-        app,
-        host=config.host,
-        port=config.port,
-        log_level="warning",
-        timeout_graceful_shutdown=int(config.shutdown_grace_seconds) + 5,
-    )
+    # uvicorn re-raises SIGTERM after its graceful shutdown, which would kill the process with the default handler
+    # (exit status -15): a requested stop is a clean exit, so the re-raised signal is ignored and serve returns.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM)
+    if main:
+        signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        uvicorn.run(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level="warning",
+            timeout_graceful_shutdown=int(config.shutdown_grace_seconds) + 5,
+        )
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
