@@ -438,20 +438,10 @@ def serve(config: ServeConfig, load: Callable[[], QueryEngine], log: Callable[[s
     app = create_app(load, config)
     where = f"http://{'[' + config.host + ']' if ':' in config.host else config.host}:{config.port}"
     log(f"serving the tutor at {where}/ (OpenAI API at {where}/v1, model {MODEL_ID!r}); loading models ...")
-    # uvicorn re-raises SIGTERM after its graceful shutdown, which would kill the process with the default handler
-    # (exit status -15): a requested stop is a clean exit, so the re-raised signal is ignored and serve returns.
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGTERM)
-    if main:
-        signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-        uvicorn.run(
-            app,
-            host=config.host,
-            port=config.port,
-            log_level="warning",
-            timeout_graceful_shutdown=int(config.shutdown_grace_seconds) + 5,
-        )
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level="warning",
+        timeout_graceful_shutdown=int(config.shutdown_grace_seconds) + 5,
+    )
