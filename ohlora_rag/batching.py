@@ -18,6 +18,9 @@ from .generator import Generation, Generator, Pending, Reply
 MAX_BATCH = 8
 #: How long the first request of a batch waits for company, in seconds (clients that ask together batch together).
 GATHER_SECONDS = 0.02
+#: ... and how long it waits when the previous batch was bigger than what is queued: the learners just answered
+#: usually ask again within this time (measured by bench/serve.py; without it, batches alternate big and small).
+REGATHER_SECONDS = 0.15
 
 
 class Batcher:
@@ -63,7 +66,11 @@ class Batcher:
         batch = [first]
         if first.temperature > 0:
             return batch  # sampled answers run alone, so their seed gives the answer it gives alone
-        deadline = time.monotonic() + self.gather_seconds
+        expected = self.batches[-1] if self.batches else 1
+        wait = (
+            self.gather_seconds if self._queue.qsize() + 1 >= expected else max(self.gather_seconds, REGATHER_SECONDS)
+        )
+        deadline = time.monotonic() + wait
         while len(batch) < self.max_batch:
             try:
                 item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))

@@ -163,7 +163,7 @@ class Generator:
 
         start = time.perf_counter()
         stops = [*self.prompts.stop_strings, self.tokenizer.eos_token]
-        rows = [_Row(p.reply, p.ids, p.max_new_tokens, stops) for p in batch]
+        rows = [_Row(p, stops, self.prompts.clean, start) for p in batch]
         tokenizer = self.tokenizer
         try:
             pad = (
@@ -214,11 +214,12 @@ class Generator:
                 self.model.generate(**kwargs)
         except BaseException as exc:  # noqa: BLE001 — handed to every waiting consumer, never lost in a thread
             for row in rows:
-                row.reply.fail(exc)
+                if not row.done:
+                    row.done = True
+                    row.reply.fail(exc)
             return 0
-        seconds = time.perf_counter() - start
         for row in rows:
-            row.close(self.prompts.clean, seconds)
+            row.close()  # rows cut by the batch's max_new_tokens
         return max(len(row.ids) for row in rows)
 
 
@@ -310,14 +311,16 @@ _END = object()
 
 
 class _Row:
-    """One prompt inside a (batched) `generate` call: its tokens so far, its limit, and the text handed out."""
+    """One prompt inside a (batched) `generate` call: its tokens so far, its limit, and the text handed out.
+    A row ends its reply as soon as it is done (EOS, stop marker, limit, cancelled), not when the batch ends."""
 
-    def __init__(self, reply: Reply, prompt_ids: list[int], max_new_tokens: int, stops: list[str]) -> None:
-        self.reply = reply
-        self.prompt_ids = prompt_ids
-        self.max_new_tokens = max_new_tokens
+    def __init__(self, pending: Pending, stops: list[str], clean: Callable[[str], str], start: float) -> None:
+        self.reply = pending.reply
+        self.prompt_ids = pending.ids
+        self.max_new_tokens = pending.max_new_tokens
         self.stops = stops
-        self.hold = max(len(stop) for stop in stops) - 1  # a tail that may still grow into a stop marker waits
+        self.clean = clean
+        self.start = start
         self.ids: list[int] = []
         self.text = ""
         self.emitted = 0
@@ -332,20 +335,35 @@ class _Row:
         visible = _cut(self.text, self.stops)
         stopped = len(visible) < len(self.text) or token == tokenizer.eos_token_id
         if stopped or len(self.ids) >= self.max_new_tokens or self.reply.cancelled:
-            self.done = True
+            self.close()
             return
-        safe = max(len(visible.rstrip("\ufffd")) - self.hold, self.emitted)  # U+FFFD: half a multi-byte character
+        visible = visible.rstrip("\ufffd")  # U+FFFD: half a multi-byte character, completed by the next token
+        safe = max(len(visible) - _partial_stop(visible, self.stops), self.emitted)
         if safe > self.emitted:
             self.reply.put(visible[self.emitted : safe])
             self.emitted = safe
 
-    def close(self, clean: Callable[[str], str], seconds: float) -> None:
-        """Hand out the rest and end the reply."""
+    def close(self) -> None:
+        """Hand out the rest and end the reply (once)."""
+        if self.done:
+            return
         self.done = True
         visible = _cut(self.text, self.stops).rstrip()
         if len(visible) > self.emitted:
             self.reply.put(visible[self.emitted :])
-        self.reply.finish(Generation(clean(self.text), len(self.ids), seconds, len(self.prompt_ids)))
+        seconds = time.perf_counter() - self.start
+        self.reply.finish(Generation(self.clean(self.text), len(self.ids), seconds, len(self.prompt_ids)))
+
+
+def _partial_stop(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that could still grow into a stop marker (held back while streaming)."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
 
 
 def _cut(text: str, stops: list[str]) -> str:
