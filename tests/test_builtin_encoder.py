@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +42,8 @@ SENTENCES = [
 
 def test_conversion_is_reused(e5_home: Paths, e5_folder: Path) -> None:
     stamp = (e5_folder / "model.safetensors").stat().st_mtime_ns
-    start = time.perf_counter()
     again = resolve("multilingual-e5-small", "encoder", e5_home).path
     assert again == e5_folder and (e5_folder / "model.safetensors").stat().st_mtime_ns == stamp
-    assert time.perf_counter() - start < 2
     assert not list(e5_home.base_models_dir.glob(".*tmp*"))
 
 

@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -110,11 +109,9 @@ def test_bad_db_keeps_index(home: Path, tmp_path: Path) -> None:
     assert (home / "index" / "CURRENT").read_text() == current
 
 
-def test_help_is_fast_and_lists_commands() -> None:
-    start = time.perf_counter()
+def test_help_lists_commands_and_loads_no_heavy_library() -> None:
     proc = subprocess.run([sys.executable, "-m", "ohlora_rag", "--help"], capture_output=True, text=True, check=True)
-    elapsed = time.perf_counter() - start
-    for command in ("build-index", "search"):
+    for command in ("build-index", "search", "serve"):
         assert command in proc.stdout
     heavy = subprocess.run(
         [
@@ -127,7 +124,6 @@ def test_help_is_fast_and_lists_commands() -> None:
         check=True,
     )
     assert heavy.stdout.strip() == "[]"  # lazy imports: --help loads none of the heavy libraries
-    assert elapsed < 10  # generous; the real number is measured in bench/llm.py
 
 
 def test_failed_index_write_keeps_index(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
