@@ -6,6 +6,7 @@ Several prompts can be generated in one batch (`run`), which is how the server a
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -41,6 +42,7 @@ class LLMChoice:
     adapter: Path | None
     template: str
     notice: str | None = None
+    cache: Path | None = None  # where the base + adapter merge is kept between runs (models/cache)
 
 
 def choose_llm(
@@ -86,7 +88,42 @@ def choose_llm(
             f"the adapter in {adapter_dir} was trained on {manifest.get('base')} (fingerprint {expected}), not on "
             f"{base.reference} (fingerprint {base.fingerprint}) — pass the same --base-llm or retrain with `ohlora-rag train-llm`"
         )
-    return LLMChoice(base, adapter_dir, template or str(manifest.get("template") or "auto"))
+    return LLMChoice(
+        base, adapter_dir, template or str(manifest.get("template") or "auto"), cache=paths.models_dir / "cache"
+    )
+
+
+def merged_folder(choice: LLMChoice) -> Path | None:
+    """Where the merge of `choice`'s base and adapter is kept: `<cache>/merged-<key>`, the key hashing the base's
+    fingerprint and the adapter's files (a changed adapter or base gets a new folder); None without adapter or cache."""
+    if choice.adapter is None or choice.cache is None:
+        return None
+    import hashlib
+
+    digest = hashlib.sha256(choice.base.fingerprint.encode())
+    for path in sorted(
+        p for p in choice.adapter.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin")
+    ):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return choice.cache / f"merged-{digest.hexdigest()[:16]}"
+
+
+def _keep_merged(model: Any, folder: Path) -> None:
+    """Save a merged model for the next run (written beside, then renamed; older merges removed). Best effort: a
+    cache that cannot be written (read-only home, full disk) costs the next run the merge again, nothing else."""
+    import shutil
+    import tempfile
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".merging-", dir=folder.parent))
+        model.save_pretrained(staging, safe_serialization=True)
+        os.replace(staging, folder)
+        for old in folder.parent.glob("merged-*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError:
+        shutil.rmtree(locals().get("staging", folder.parent / ".none"), ignore_errors=True)
 
 
 def shipped_adapter() -> Path | None:
@@ -113,14 +150,24 @@ class Generator:
         source = choice.adapter if choice.adapter and (choice.adapter / "tokenizer.json").exists() else choice.base.path
         with loading(ModelRef(str(source), Path(source)), "LLM tokenizer"):
             self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        with loading(choice.base, "LLM"):
-            model = AutoModelForCausalLM.from_pretrained(choice.base.path, dtype=torch.float32, local_files_only=True)
-        if choice.adapter is not None:
-            from peft import PeftModel
+        merged = merged_folder(choice)
+        if merged is not None and (merged / "config.json").is_file():
+            # The merge of this base and this adapter, made by an earlier run: a plain load, no PEFT, no merge.
+            with loading(ModelRef(str(merged), merged), "merged LLM"):
+                model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, local_files_only=True)
+        else:
+            with loading(choice.base, "LLM"):
+                model = AutoModelForCausalLM.from_pretrained(
+                    choice.base.path, dtype=torch.float32, local_files_only=True
+                )
+            if choice.adapter is not None:
+                from peft import PeftModel
 
-            # Merged once at load: generation then costs exactly what the bare model costs.
-            with loading(ModelRef(str(choice.adapter), choice.adapter), "LoRA adapter"):
-                model = PeftModel.from_pretrained(model, str(choice.adapter)).merge_and_unload()
+                # Merged once: generation then costs exactly what the bare model costs, and the merge is kept.
+                with loading(ModelRef(str(choice.adapter), choice.adapter), "LoRA adapter"):
+                    model = PeftModel.from_pretrained(model, str(choice.adapter)).merge_and_unload()
+                if merged is not None:
+                    _keep_merged(model, merged)
         self.model = model.to(self.device).eval()
         self.prompts = PromptBuilder.create(self.tokenizer, choice.template)
 
