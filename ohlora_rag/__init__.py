@@ -24,6 +24,7 @@ _EXPORTS = {
     "IndexMismatchError": "errors",
     "ModelNotFoundError": "errors",
     "UsageError": "errors",
+    "configure_threads": "device",
     "load_concepts": "data",
     "ConceptDB": "data",
     "Encoder": "encoder",

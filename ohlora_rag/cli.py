@@ -17,6 +17,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from .config import Defaults, Paths
+from .device import configure_threads
 from .errors import OhloraError, UsageError
 
 
@@ -187,6 +188,7 @@ def search_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Retrieve the concept entries closest to a question (retrieval only, no LLM)."""
+    configure_threads()  # one question at a time: set before torch is imported
     from .config import SearchConfig
     from .retriever import Retriever, check_question
 
@@ -446,6 +448,7 @@ def evaluate_conversations_cmd(
 ) -> None:
     """Follow-ups and topic switches over the published index: right entry per kind of turn, switches not dragged
     back to the old topic — with conversation memory and, for comparison, each question alone."""
+    configure_threads()  # one question at a time: set before torch is imported
     from .config import SearchConfig
     from .data import load_conversations
     from .evaluate import evaluate_conversations
@@ -628,6 +631,7 @@ def ask_cmd(
     no_guard: _NoGuard = False,
 ) -> None:
     """Answer a question: retrieve the best entry, build the prompt, generate with the LoRA-tuned LLM."""
+    configure_threads()  # one question at a time: set before torch is imported
     from .data import load_questions
     from .engine import QueryEngine
     from .retriever import check_question
@@ -691,6 +695,7 @@ def chat_cmd(
     no_guard: _NoGuard = False,
 ) -> None:
     """Ask questions in a loop (models loaded once). An empty line, 'exit' or Ctrl-D ends it."""
+    configure_threads()  # one question at a time: set before torch is imported
     from .engine import QueryEngine
     from .retriever import check_question
 
@@ -759,6 +764,7 @@ def serve_cmd(
     """Serve the tutor: a web chat page at /, an OpenAI-compatible API at /v1 (chat completions with streaming,
     models, search), /health. Models load once; follow-up questions use the conversation; Ctrl-C or SIGTERM stops
     after the answers in flight."""
+    configure_threads()  # one question at a time: set before torch is imported
     from .config import ServeConfig
     from .engine import QueryEngine
     from .server import serve
@@ -806,6 +812,7 @@ def evaluate_answers_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Generate an answer per row: abstention accuracy on no-information rows, grounding, ROUGE-L."""
+    configure_threads()  # one question at a time: set before torch is imported
     from .answers import evaluate_answers
     from .data import SftRows, load_sft_files
     from .engine import QueryEngine

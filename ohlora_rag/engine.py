@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from .answers import is_abstention
 from .config import AskConfig, Paths, SearchConfig
 from .conversation import Conversation
+from .device import configure_threads
 from .generator import Generator, LLMChoice, Reply, choose_llm
 from .prompt import DECLINE, PromptBuilder
 from .retriever import Hit, Retriever, SearchResult, check_question
@@ -175,6 +176,7 @@ class QueryEngine:
     ) -> QueryEngine:
         """Load the index + encoder (unless `retrieve` is False: answers from given entries only) and the LLM;
         `batch` generates up to that many concurrent answers together (the server)."""
+        configure_threads()  # a no-op when the caller imported torch already
         config = config or AskConfig()
         paths = paths or Paths.resolve()
         start = time.perf_counter()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DEFAULT_LLM, Paths
+from .device import configure_threads
 from .errors import ModelNotFoundError
 from .models import ModelRef, check_json_files, loading, read_manifest, resolve
 from .prompt import PromptBuilder
@@ -138,6 +139,7 @@ class Generator:
     """A causal LM ready to answer prompts built by `PromptBuilder`."""
 
     def __init__(self, choice: LLMChoice, device: str | None = None) -> None:
+        configure_threads()  # a no-op when torch is imported already
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -308,6 +308,10 @@ class StoredIndex:
             raise _damaged(self.folder.parent, f"a search returned the cosine {value:.6g}, outside [-1, 1]")
 
 
+#: How many times `load_index` follows `CURRENT` to a newer build when the one it was loading was removed.
+RELOADS = 10
+
+
 def _read_pointer(index_dir: Path) -> str:
     """The build name in `CURRENT`: a plain `build-...` folder name, or the one-line "damaged" error."""
     pointer = index_dir / POINTER
@@ -348,16 +352,19 @@ def load_index(index_dir: Path) -> StoredIndex:
     """Load the published build of an index folder, its files checked against the manifest.
 
     A build published meanwhile removes the one `CURRENT` named a moment ago; the reader then reads `CURRENT`
-    once more and loads the new build instead of failing.
+    again and loads the new build instead of failing — as long as `CURRENT` keeps changing (two builds that
+    finish together publish one right after the other), up to `RELOADS` times.
     """
     name = _read_pointer(index_dir)
-    try:
-        return _load_build(index_dir, name)
-    except IndexNotFoundError:
-        again = _read_pointer(index_dir)
-        if again == name:
-            raise
-        return _load_build(index_dir, again)
+    for _ in range(RELOADS):
+        try:
+            return _load_build(index_dir, name)
+        except IndexNotFoundError:
+            again = _read_pointer(index_dir)
+            if again == name:
+                raise
+            name = again
+    return _load_build(index_dir, name)
 
 
 def _load_build(index_dir: Path, name: str) -> StoredIndex:
@@ -416,12 +423,15 @@ def _verify_files(index_dir: Path, build: Path, manifest: Manifest) -> None:
         ):
             raise _damaged(index_dir, f"the manifest of {build.name} has an unreadable file record {name!r}")
         path = build / name
-        if not path.is_file():
-            raise _damaged(index_dir, f"{build.name}/{name} is missing")
-        size = path.stat().st_size
+        try:
+            size = path.stat().st_size
+            matches = size > HASH_UP_TO_BYTES or _file_record(path)["sha256"] == record["sha256"]
+        except OSError as exc:  # also a build removed by a newer one while this reader checked it
+            detail = "is missing" if isinstance(exc, FileNotFoundError) else f"is unreadable: {exc.strerror or exc}"
+            raise _damaged(index_dir, f"{build.name}/{name} {detail}") from None
         if size != record["size"]:
             raise _damaged(index_dir, f"{build.name}/{name} is {size} bytes, the manifest says {record['size']}")
-        if size <= HASH_UP_TO_BYTES and _file_record(path)["sha256"] != record["sha256"]:
+        if not matches:
             raise _damaged(index_dir, f"{build.name}/{name} does not match the sha256 in its manifest")
 
 

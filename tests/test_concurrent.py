@@ -118,6 +118,58 @@ def test_reader_rereads_current_when_its_build_was_removed(home: Path, monkeypat
     assert load_index(paths.index_dir).folder.name == current
 
 
+def test_reader_follows_current_through_two_quick_publishes(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two builds that finish together publish one right after the other: a reader may find the build it read in
+    `CURRENT` removed, and the next one too."""
+    import ohlora_rag.index as index_module
+
+    paths = Paths.resolve()
+    names = []
+    for _ in range(3):
+        build_index(IndexConfig(progress=False), paths)
+        names.append(active_build(paths.index_dir).name)
+    assert not (paths.index_dir / names[0]).exists() and not (paths.index_dir / names[1]).exists()
+    real = index_module._read_pointer
+    answers = iter(names[:2])  # read just before each of the two later publishes
+
+    def racing_read(index_dir: Path) -> str:
+        return next(answers, None) or real(index_dir)
+
+    monkeypatch.setattr(index_module, "_read_pointer", racing_read)
+    assert load_index(paths.index_dir).folder.name == names[2]
+
+
+def test_reader_whose_build_is_removed_while_it_checks_the_files(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cleanup removes the build between the reader's size check and its hash of a file: the reader loads the newer
+    build (it got a raw FileNotFoundError — a traceback in `search` — before)."""
+    import shutil
+
+    import ohlora_rag.index as index_module
+
+    paths = Paths.resolve()
+    build_index(IndexConfig(progress=False), paths)
+    stale = active_build(paths.index_dir)
+    shutil.copytree(stale, tmp_path / "stale")
+    build_index(IndexConfig(progress=False), paths)
+    current = active_build(paths.index_dir).name
+    shutil.copytree(tmp_path / "stale", stale)  # still there when the reader starts on it
+    answers = iter([stale.name])
+    real_read, real_record = index_module._read_pointer, index_module._file_record
+
+    def racing_read(index_dir: Path) -> str:
+        return next(answers, None) or real_read(index_dir)
+
+    def record_after_cleanup(path: Path) -> dict[str, object]:
+        shutil.rmtree(stale, ignore_errors=True)  # the newer build's cleanup, right now
+        return real_record(path)
+
+    monkeypatch.setattr(index_module, "_read_pointer", racing_read)
+    monkeypatch.setattr(index_module, "_file_record", record_after_cleanup)
+    assert load_index(paths.index_dir).folder.name == current
+
+
 def test_model_swap_waits_for_the_lock(tmp_path: Path) -> None:
     out = tmp_path / "models" / "sbert"
     out.mkdir(parents=True)

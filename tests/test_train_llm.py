@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +138,61 @@ def test_original_sft_file_loads() -> None:
         pytest.skip("../shared/ohlora-data not present")
     rows = load_sft(path)
     assert len(rows) == 115 and sum(e is None for e in rows.entries) == 10
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def test_kill_9_during_train_llm_then_resume(tmp_path: Path, tiny_lm: Path) -> None:
+    """SIGKILL the real `train-llm` once it has written a checkpoint: the published adapter is untouched and still
+    served; `--resume` goes on from the last complete checkpoint (past one a kill cut short) and publishes."""
+    from ohlora_rag.generator import Generator, choose_llm
+
+    home = tmp_path / "home"
+    data = write_sft(home / "data" / "sft.csv")
+    out, checkpoints = home / "models" / "llm", home / "models" / "llm.checkpoints"
+    train_llm(_config(tmp_path, tiny_lm, out=out), Paths(home))  # the adapter published before
+    published = _hashes(out)
+    shutil.rmtree(checkpoints)  # that run's checkpoints: the killed run starts afresh
+    command = [sys.executable, "-m", "ohlora_rag", "--home", str(home), "train-llm", "--data", str(data)]
+    command += ["--base-llm", str(tiny_lm), "--batch-size", "2", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*command, "--epochs", "1000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):  # written last: a complete checkpoint
+            assert proc.poll() is None, f"train-llm ended before it could be killed: {proc.communicate()[1]!r}"
+            assert time.time() < deadline
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert _hashes(out) == published  # nothing half-written in the published folder
+    assert sorted(p.name for p in out.parent.iterdir()) == [".llm.lock", "llm", "llm.checkpoints"]
+    assert Generator(choose_llm(None, None, Paths(home))).choice.adapter == out  # still served
+    complete = max(
+        (p.parent for p in checkpoints.glob("checkpoint-*/trainer_state.json")), key=lambda p: int(p.name.split("-")[1])
+    )
+    epoch = round(json.loads((complete / "trainer_state.json").read_text())["epoch"])
+    cut_short = checkpoints / f"checkpoint-{int(complete.name.split('-')[1]) + 2}"  # a kill while saving the next
+    cut_short.mkdir(exist_ok=True)
+    (cut_short / "trainer_state.json").unlink(missing_ok=True)
+    (cut_short / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
+
+    done = subprocess.run([*command, "--epochs", str(epoch + 2), "--resume"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "(4 steps," in done.stdout  # 2 more epochs of 2 steps: it went on from the checkpoint, not from scratch
+    assert all((p / "trainer_state.json").is_file() for p in checkpoints.glob("checkpoint-*"))
+    manifest = json.loads((out / "ohlora_model.json").read_text())
+    assert manifest["kind"] == "llm-adapter" and manifest["config"]["resume"] is True
+    assert manifest["config"]["epochs"] == epoch + 2
+    generator = Generator(choose_llm(None, None, Paths(home)))
+    assert generator.choice.adapter == out
+    assert generator.generate(generator.prompts.prompt("what is recall ?", None), max_new_tokens=3).new_tokens >= 1

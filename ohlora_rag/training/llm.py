@@ -17,11 +17,11 @@ from ..config import DEFAULT_LLM, LlmTrainConfig, Paths
 from ..data import SftRows, load_sft, load_sft_files
 from ..device import native_bf16, torch_device
 from ..encoder import quiet_transformers
-from ..errors import OhloraError, UsageError
+from ..errors import OhloraError
 from ..generator import encode_prompt
 from ..models import loading, resolve, staged_folder, write_manifest
 from ..prompt import PromptBuilder
-from .common import config_record, quiet_trainer, warmup
+from .common import config_record, quiet_trainer, resume_checkpoint, warmup
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -111,8 +111,7 @@ def train_llm(config: LlmTrainConfig, paths: Paths | None = None) -> LlmTrainRep
     valid = load_sft(config.valid, split=None) if config.valid else None
     base = resolve(config.base_llm or DEFAULT_LLM, "llm", paths)
     checkpoints = out.parent / f"{out.name}.checkpoints"
-    if config.resume and not any(checkpoints.glob("checkpoint-*")):
-        raise UsageError(f"--resume: no checkpoint in {checkpoints} — run once without --resume")
+    resume_from = resume_checkpoint(checkpoints) if config.resume else None
 
     quiet_transformers()
     if not config.progress:
@@ -182,7 +181,7 @@ def train_llm(config: LlmTrainConfig, paths: Paths | None = None) -> LlmTrainRep
     tokens = sum(len(x["input_ids"]) for x in trainer.train_dataset)
 
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=True if config.resume else None)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
     history = trainer.state.log_history
     train_loss = next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None)

@@ -16,7 +16,7 @@ from ..encoder import Encoder, quiet_transformers
 from ..errors import DataFormatError, UsageError
 from ..evaluate import RetrievalReport, evaluate_retrieval
 from ..models import ModelRef, loading, resolve, staged_folder, write_manifest
-from .common import config_record, quiet_model_card, quiet_trainer, warmup
+from .common import config_record, quiet_model_card, quiet_trainer, resume_checkpoint, warmup
 
 
 @dataclass
@@ -134,8 +134,7 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
     if base.path.resolve() == out.resolve():
         raise UsageError(f"--base {base.reference} is the output folder — train from another model or pass --out")
     checkpoints = out.parent / f"{out.name}.checkpoints"
-    if config.resume and not any(checkpoints.glob("checkpoint-*")):
-        raise UsageError(f"--resume: no checkpoint in {checkpoints} — run once without --resume")
+    resume_from = resume_checkpoint(checkpoints) if config.resume else None
 
     quiet_transformers()
     set_seed(config.seed)
@@ -186,7 +185,7 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
     if not config.progress:
         quiet_trainer(trainer)
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=True if config.resume else None)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
     rows = len(train_data)
 
