@@ -764,7 +764,7 @@ def serve_cmd(
     """Serve the tutor: a web chat page at /, an OpenAI-compatible API at /v1 (chat completions with streaming,
     models, search), /health. Models load once; follow-up questions use the conversation; Ctrl-C or SIGTERM stops
     after the answers in flight."""
-    configure_threads()  # one question at a time: set before torch is imported
+    configure_threads("ACTIVE")  # a server owns the machine: spinning OpenMP threads serve it faster (bench/serve.py)
     from .config import ServeConfig
     from .engine import QueryEngine
     from .server import serve

@@ -30,8 +30,11 @@ class TextGenerator(Protocol):
     """What the engine needs of an LLM: its prompt builder, what was loaded, and a streamed generation.
     `Generator` (one answer at a time) and `batching.Batcher` (many at once) implement it; so do test fakes."""
 
-    prompts: PromptBuilder
-    choice: LLMChoice
+    @property
+    def prompts(self) -> PromptBuilder: ...
+
+    @property
+    def choice(self) -> LLMChoice: ...
 
     def start(
         self, prompt: str, max_new_tokens: int = 160, temperature: float = 0.0, seed: int | None = None
