@@ -42,6 +42,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _wait_ready(url: str, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health").json()["status"] == "ready":
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{url} not ready after {seconds} s")
+
+
 def _run(config: ServeConfig, engine: QueryEngine) -> Iterator[Server]:
     import uvicorn
 
@@ -49,14 +61,7 @@ def _run(config: ServeConfig, engine: QueryEngine) -> Iterator[Server]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{config.port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/health").json()["status"] == "ready":
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
+    _wait_ready(url, 30)
     try:
         yield Server(url, engine, config.api_key)
     finally:
@@ -259,13 +264,7 @@ def test_sigterm_finishes_the_answer_in_flight_then_exits(served_home: tuple[Pat
     process = subprocess.Popen([*command, "--base-llm", str(lm)], stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health").json()["status"] == "ready":
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        _wait_ready(url, 60)
         body = _ask(PRECISION) | {"stream": True, "max_tokens": 300}
         lines = []
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
