@@ -107,9 +107,8 @@ class Conversation:
         self.turns.append(turn)
         if turn.follow_up:
             self.topic = turn.query
-        elif (
-            turn.result.hits
-        ):  # a new question sets the topic, matched or not ("recall이 뭐야?" then "how is it computed?")
+        elif turn.result.hits:
+            # a new question sets the topic, matched or not ("recall이 뭐야?" then "how is it computed?")
             self.topic, self.topic_position = question, turn.result.hits[0].position
         return turn.result
 

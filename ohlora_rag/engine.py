@@ -104,21 +104,17 @@ class AnswerStream:
         self.result = result
         self.used = used
         self.follow_up = follow_up
-        self.max_new_tokens = max_new_tokens  # the answer's token limit
         self.query = query
         self.max_new_tokens = max_new_tokens  # the answer's token limit
         self._engine = engine
         self._reply = reply
         self._retrieve = retrieve_seconds
         self._answer: Answer | None = None
-        self._pieces: list[str] = []
 
     def __iter__(self) -> Iterator[str]:
         if self._answer is not None:
             return
-        for piece in self._reply:
-            self._pieces.append(piece)
-            yield piece
+        yield from self._reply
         answer = self._finish()
         if answer.guarded:
             yield GUARD_NOTE + DECLINE
@@ -186,13 +182,12 @@ class QueryEngine:
         retriever = (
             Retriever.load(SearchConfig(top_k=config.top_k, threshold=config.threshold), paths) if retrieve else None
         )
-        generator: TextGenerator = Generator(
-            choose_llm(config.base_llm, config.adapter, paths, config.template, config.use_adapter)
-        )
+        llm = Generator(choose_llm(config.base_llm, config.adapter, paths, config.template, config.use_adapter))
+        generator: TextGenerator = llm
         if batch:
             from .batching import Batcher
 
-            generator = Batcher(generator, max_batch=batch)  # type: ignore[arg-type]
+            generator = Batcher(llm, max_batch=batch)
         return cls(retriever, generator, config, time.perf_counter() - start)
 
     @property

@@ -6,7 +6,6 @@ Several prompts can be generated in one batch (`run`), which is how the server a
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -17,8 +16,8 @@ from typing import Any
 
 from .config import DEFAULT_LLM, Paths
 from .device import configure_threads
-from .errors import ModelNotFoundError
-from .models import ModelRef, check_json_files, loading, read_manifest, resolve
+from .errors import ModelNotFoundError, OhloraError
+from .models import ModelRef, check_json_files, loading, read_manifest, resolve, staged_folder
 from .prompt import PromptBuilder
 
 
@@ -101,6 +100,8 @@ def merged_folder(choice: LLMChoice) -> Path | None:
         return None
     import hashlib
 
+    # The adapter's bytes, hashed here rather than by `models.fingerprint`, which would cache its value in the
+    # adapter's manifest: the shipped adapter lives in the package and is not ours to write.
     digest = hashlib.sha256(choice.base.fingerprint.encode())
     for path in sorted(
         p for p in choice.adapter.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin")
@@ -110,21 +111,18 @@ def merged_folder(choice: LLMChoice) -> Path | None:
 
 
 def _keep_merged(model: Any, folder: Path) -> None:
-    """Save a merged model for the next run (written beside, then renamed; older merges removed). Best effort: a
-    cache that cannot be written (read-only home, full disk) costs the next run the merge again, nothing else."""
+    """Save a merged model for the next run (staged, then swapped in; older merges removed). Best effort: a cache
+    that cannot be written (read-only home, full disk) costs the next run the merge again, nothing else."""
     import shutil
-    import tempfile
 
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".merging-", dir=folder.parent))
-        model.save_pretrained(staging, safe_serialization=True)
-        os.replace(staging, folder)
-        for old in folder.parent.glob("merged-*"):
-            if old != folder:
-                shutil.rmtree(old, ignore_errors=True)
-    except OSError:
-        shutil.rmtree(locals().get("staging", folder.parent / ".none"), ignore_errors=True)
+        with staged_folder(folder, keep_existing=lambda out: (out / "config.json").is_file()) as staging:
+            model.save_pretrained(staging, safe_serialization=True)
+    except (OSError, OhloraError):  # unwritable, full, or its lock held by another writer too long
+        return
+    for old in folder.parent.glob("merged-*"):
+        if old != folder:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def shipped_adapter() -> Path | None:
@@ -333,20 +331,6 @@ class Reply:
             yield item
         if self._error is not None:
             raise self._error
-
-    def next_piece(self, timeout: float | None = None) -> str | None:
-        """The next piece, or None at the end (for consumers that cannot iterate: async code in a thread)."""
-        if self._ended:
-            if self._error is not None:
-                raise self._error
-            return None
-        item = self._queue.get(timeout=timeout)
-        if item is _END:
-            self._ended = True
-            if self._error is not None:
-                raise self._error
-            return None
-        return str(item)
 
     def result(self) -> Generation:
         """The whole answer, once generation has ended."""

@@ -89,6 +89,10 @@ def check_question(question: str) -> str:
     return question.strip()
 
 
+#: Entries whose mean cosines make a DB's "typical entry" for `Retriever.relatedness` (all of them, up to this many).
+TYPICAL_SAMPLE = 4096
+
+
 class Retriever:
     """An index plus the encoder that built it, and the decision: a fitted model, else a cosine threshold."""
 
@@ -234,9 +238,10 @@ class Retriever:
         vector = self._vectors(question)
         cosine = float((self.stored.vectors.vectors_at(np.asarray([position])) @ vector[0])[0])
         mu, sigma = stats.mu_sigma(vector)
-        if self._typical_mean is None:
-            entries = self.stored.vectors.vectors_at(np.arange(self.stored.vectors.ntotal))
-            self._typical_mean = float(np.median(stats.mu_sigma(entries)[0]))
+        if self._typical_mean is None:  # once per index; over at most TYPICAL_SAMPLE evenly spaced entries
+            n = self.stored.vectors.ntotal
+            sample = np.unique(np.linspace(0, n - 1, min(n, TYPICAL_SAMPLE)).astype(np.int64))
+            self._typical_mean = float(np.median(stats.mu_sigma(self.stored.vectors.vectors_at(sample))[0]))
         return (cosine - float(mu[0])) / float(sigma[0]), float(mu[0]) / max(self._typical_mean, 1e-6)
 
     def _vectors(self, question: str) -> np.ndarray:

@@ -354,22 +354,14 @@ def _facts(answering: AnswerStream) -> dict[str, Any]:
 def _sources(answering: AnswerStream) -> list[dict[str, Any]]:
     result = answering.result
     hits = result.hits if result else []
-    out = []
-    for hit in hits:
-        entry = hit.to_dict()
-        title = hit.metadata.get("title") or hit.text.partition(" : ")[0][:80]
-        out.append(
-            {
-                "id": entry["id"],
-                "title": title,
-                "score": entry["score"],
-                "matched": entry["matched"],
-                "used": answering.used is not None and hit.id == answering.used.id,
-                "text": hit.text,
-                **({"confidence": entry["confidence"]} if "confidence" in entry else {}),
-            }
-        )
-    return out
+    return [
+        {
+            **{k: v for k, v in hit.to_dict().items() if k != "metadata"},  # the one serialisation of a hit
+            "title": hit.metadata.get("title") or hit.text.partition(" : ")[0][:80],
+            "used": answering.used is not None and hit.id == answering.used.id,
+        }
+        for hit in hits
+    ]
 
 
 def _usage(answering: AnswerStream) -> dict[str, int]:
