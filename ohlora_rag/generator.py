@@ -181,7 +181,9 @@ class Generator:
             seed: seeds sampling for reproducible answers.
         """
         pending = self.pending(prompt, max_new_tokens, temperature, seed)
-        threading.Thread(target=self.run, args=([pending],), daemon=True).start()
+        # Not a daemon: a reply ends as soon as its row is done, a step before `generate` returns; a process that
+        # exits right after its answer waits for that step instead of killing torch mid-call (abort, status 134).
+        threading.Thread(target=self.run, args=([pending],), name="ohlora-generate").start()
         return pending.reply
 
     def generate(
