@@ -3,7 +3,8 @@
 (1) train-llm tokens/s vs a bare trl SFTTrainer (same data, model, LoRA shape, batch; fp32, no pre-flight);
 (2) `ask` latency split into load / retrieve / generate, and generate tokens/s vs bare `model.generate` on the same
     prompt (greedy, same max_new_tokens);
-(3) wall time of `ohlora-rag --help` and of a cold `ohlora-rag ask` (new processes).
+    and the memory floor: the LLM's weight bytes read once per token at the read bandwidth measured here.
+Cold starts (`--help`, `search`, `ask` as new processes): `bench/cold_start.py`.
 
 Run: `python bench/llm.py [--steps 6] [--skip-train]` after `ohlora-rag build-index` (about 10 minutes here).
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -131,23 +131,26 @@ def bench_ask(repeat: int) -> None:
     print(
         f"{'ohlora-rag generate':<28}{ours_tps:>10.1f}{ours_tps / bare_tps:>7.2f}x   (time ratio {bare_tps / ours_tps:.2f}x)"
     )
+    weights = sum(p.numel() * p.element_size() for p in gen.model.parameters())
+    bandwidth = read_bandwidth()
+    floor = bandwidth / weights
+    print(
+        f"{'memory floor':<28}{floor:>10.1f}{ours_tps / floor:>7.2f}x   ({weights / 1e6:.0f} MB of {gen.dtype} weights "
+        f"per token at {bandwidth / 1e9:.1f} GB/s)"
+    )
 
 
-def bench_cli(repeat: int) -> None:
-    exe = Path(sys.executable).with_name("ohlora-rag")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ohlora_rag"]
-    env = {**os.environ, "OHLORA_HOME": str(ROOT)}
+def read_bandwidth() -> float:
+    """All-core read bandwidth in bytes/s: a sum over 1 GB (the best of 5)."""
+    import numpy as np
 
-    def wall(args: list[str]) -> float:
+    data = np.ones(1 << 28, np.float32)
+    best = float("inf")
+    for _ in range(5):
         start = time.perf_counter()
-        subprocess.run(cmd + args, env=env, check=True, capture_output=True)
-        return time.perf_counter() - start
-
-    help_s = statistics.median(wall(["--help"]) for _ in range(repeat))
-    ask_s = statistics.median(wall(["ask", QUESTION]) for _ in range(2))
-    print("\n(3) command wall time (new process)")
-    print(f"  ohlora-rag --help   {help_s:.2f}s")
-    print(f"  ohlora-rag ask      {ask_s:.2f}s (cold: imports, model loads, retrieval, generation)")
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.nbytes / best
 
 
 def main() -> None:
@@ -157,13 +160,12 @@ def main() -> None:
     parser.add_argument("--skip-train", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from ohlora_rag.encoder import quiet_transformers
+    from ohlora_rag.device import quiet_transformers
 
     quiet_transformers()
     if not args.skip_train:
         bench_train(args.steps)
     bench_ask(args.repeat)
-    bench_cli(args.repeat)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def bench_encode(paths: object, dbs: list[Path]) -> None:
 
     from ohlora_rag.config import IndexConfig
     from ohlora_rag.data import load_concepts
-    from ohlora_rag.encoder import quiet_transformers
+    from ohlora_rag.device import quiet_transformers
     from ohlora_rag.indexing import build_index
     from ohlora_rag.models import choose_encoder
 
@@ -140,7 +140,9 @@ def bench_seed_method(paths: object, db_path: Path) -> None:
     retriever = Retriever.load(SearchConfig(threshold=0.5), paths)  # type: ignore[arg-type]
     hybrid = Retriever.load(SearchConfig(), paths)  # type: ignore[arg-type]
     assert hybrid.decision is not None
-    model = retriever.encoder.model
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(retriever.encoder.ref.path), device="cpu")  # the original's encoder object
     texts = [retriever.stored.entry(i)["text"] for i in range(retriever.stored.vectors.ntotal)]
     entries = model.encode(texts, prompt_name="passage", normalize_embeddings=True)
 

@@ -49,7 +49,7 @@ def child(home: str, repeat: int, max_new_tokens: int, busy: int) -> None:
         configure_threads()  # what `ask` does first
     from ohlora_rag.batching import Batcher
     from ohlora_rag.config import AskConfig, Paths
-    from ohlora_rag.encoder import quiet_transformers
+    from ohlora_rag.device import quiet_transformers
 
     quiet_transformers()
     from ohlora_rag.engine import QueryEngine

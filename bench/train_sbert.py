@@ -191,7 +191,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from ohlora_rag.encoder import quiet_transformers
+    from ohlora_rag.device import quiet_transformers
 
     quiet_transformers()
     work = Path(tempfile.mkdtemp(prefix="ohlora-bench-sbert-"))

@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+from .config import AskConfig
 from .generator import Generation, Generator, Pending, Reply
 
 #: Most answers generated together (more rows cost more per step than they save on this CPU; see bench/serve.py).
@@ -47,7 +48,13 @@ class Batcher:
     def choice(self) -> Any:
         return self.generator.choice
 
-    def start(self, prompt: str, max_new_tokens: int = 160, temperature: float = 0.0, seed: int | None = None) -> Reply:
+    def start(
+        self,
+        prompt: str,
+        max_new_tokens: int = AskConfig.max_new_tokens,
+        temperature: float = AskConfig.temperature,
+        seed: int | None = None,
+    ) -> Reply:
         """Queue a prompt; its reply's pieces arrive once its batch runs."""
         pending = self.generator.pending(prompt, max_new_tokens, temperature, seed)
         self._queue.put(pending)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import io
@@ -16,7 +17,17 @@ from typing import Annotated, Any, TypeVar
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from .config import Defaults, Paths
+from .config import (
+    AskConfig,
+    Defaults,
+    IndexConfig,
+    LlmTrainConfig,
+    Paths,
+    SbertTrainConfig,
+    SearchConfig,
+    ServeConfig,
+    option_name,
+)
 from .device import configure_threads
 from .errors import OhloraError, UsageError
 
@@ -50,6 +61,14 @@ app = typer.Typer(
 
 _D = Defaults()
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def option(config: type, name: str, **extra: Any) -> Any:
+    """The typer option of a setting declared with `config.knob`: flag, alias and help come from the declaration
+    (the parameter's default is the field's: tests/test_config_cli.py checks both)."""
+    declared = next(f for f in dataclasses.fields(config) if f.name == name)
+    names = [option_name(declared)] + ([declared.metadata["short"]] if declared.metadata.get("short") else [])
+    return typer.Option(*names, help=declared.metadata["help"], **extra)
 
 
 class _State:
@@ -117,32 +136,14 @@ def main(
 @app.command("build-index", cls=_Command)
 @friendly
 def build_index_cmd(
-    db: Annotated[
-        Path | None, typer.Option("--db", help="Concept DB (.txt/.csv/.parquet) (default: data/concepts.csv).")
-    ] = None,
-    encoder: Annotated[
-        str | None,
-        typer.Option(
-            "--encoder",
-            help="Encoder: folder, built-in alias or hub id (default: models/sbert/ if trained, else multilingual-e5-small).",
-        ),
-    ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per encoder batch.")] = _D.index.batch_size,
-    calibration: Annotated[
-        Path | None,
-        typer.Option(
-            "--calibrate",
-            help="Labelled questions (question,kind,concept_id — or S-BERT pairs) to fit the entry decision on "
-            "(default: data/trust_calib.csv for data/concepts.csv).",
-        ),
-    ] = None,
-    no_calibrate: Annotated[
-        bool, typer.Option("--no-calibrate", help="Fit no decision model: search uses the cosine threshold alone.")
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    db: Annotated[Path | None, option(IndexConfig, "db")] = None,
+    encoder: Annotated[str | None, option(IndexConfig, "encoder")] = None,
+    batch_size: Annotated[int, option(IndexConfig, "batch_size")] = _D.index.batch_size,
+    calibration: Annotated[Path | None, option(IndexConfig, "calibration")] = None,
+    no_calibrate: Annotated[bool, option(IndexConfig, "calibrate")] = False,
+    quiet: Annotated[bool, option(IndexConfig, "progress")] = False,
 ) -> None:
     """Encode the concept DB and publish an exact inner-product Faiss index (+ BM25) under index/."""
-    from .config import IndexConfig
     from .indexing import build_index
 
     if calibration is not None and no_calibrate:
@@ -175,26 +176,18 @@ def build_index_cmd(
 @friendly
 def search_cmd(
     question: Annotated[str, typer.Argument(help="The question.")],
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Entries to show.")] = _D.search.top_k,
-    threshold: Annotated[
-        float | None,
-        typer.Option(
-            "--threshold", help="Cosine below which nothing counts as a match (default: calibrated, else 0.5)."
-        ),
-    ] = None,
-    encoder: Annotated[
-        str | None, typer.Option("--encoder", help="Encoder to query with (default: the one build-index uses).")
-    ] = None,
+    top_k: Annotated[int, option(SearchConfig, "top_k")] = _D.search.top_k,
+    threshold: Annotated[float | None, option(SearchConfig, "threshold")] = None,
+    encoder: Annotated[str | None, option(SearchConfig, "encoder")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Retrieve the concept entries closest to a question (retrieval only, no LLM)."""
     configure_threads()  # one question at a time: set before torch is imported
-    from .config import SearchConfig
     from .retriever import Retriever, check_question
 
     config = SearchConfig(top_k=top_k, threshold=threshold, encoder=encoder)
     question = check_question(question)  # before loading any model
-    result = Retriever.load(config, _paths()).search(question, top_k)
+    result = Retriever.load(config, _paths()).search(question)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
         return
@@ -248,57 +241,24 @@ _REPORT_HEADER = f"{'model':<28}" + "".join(
 @app.command("train-sbert", cls=_Command)
 @friendly
 def train_sbert_cmd(
-    data: Annotated[
-        Path | None,
-        typer.Option(
-            "--data",
-            help="Pairs CSV/Parquet: user_question, rag_retrieved_data, similarity_score "
-            f"(default: {_D.sbert.data} under --home).",
-        ),
-    ] = None,
-    valid: Annotated[
-        Path | None, typer.Option("--valid", help="Validation pairs (default: a seeded 10 % split by question).")
-    ] = None,
-    base: Annotated[
-        str | None, typer.Option("--base", help="Encoder to start from (default: multilingual-e5-small).")
-    ] = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training pairs.")] = _D.sbert.epochs,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Pairs per step (hybrid: whole questions up to this many pairs).")
-    ] = _D.sbert.batch_size,
-    lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = _D.sbert.learning_rate,
-    loss: Annotated[
-        str,
-        typer.Option(
-            "--loss",
-            help="hybrid (cosine + a ranking term, batches of whole questions) | cosine (the seed's) | cosent | mnrl.",
-        ),
-    ] = _D.sbert.loss,
-    ranking_weight: Annotated[
-        float, typer.Option("--ranking-weight", help="hybrid: weight of the ranking term (0 = cosine only).")
-    ] = _D.sbert.ranking_weight,
-    seed: Annotated[
-        int, typer.Option("--seed", help="Seed for the validation split, shuffling and initialisation.")
-    ] = _D.sbert.seed,
-    max_seq_length: Annotated[
-        int, typer.Option("--max-seq-length", help="Longest input in tokens; longer texts are truncated.")
-    ] = _D.sbert.max_seq_length,
-    train_embeddings: Annotated[
-        bool, typer.Option("--train-embeddings", help="Also update the word-embedding matrix (slow on CPU).")
-    ] = False,
-    freeze_layers: Annotated[
-        int, typer.Option("--freeze-layers", help="Keep the lowest N transformer layers fixed.")
-    ] = _D.sbert.freeze_layers,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
-    keep_checkpoints: Annotated[
-        bool,
-        typer.Option("--keep-checkpoints", help="Keep <out>.checkpoints/ after a successful run (removed by default)."),
-    ] = False,
-    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: models/sbert).")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    data: Annotated[Path | None, option(SbertTrainConfig, "data")] = None,
+    valid: Annotated[Path | None, option(SbertTrainConfig, "valid")] = None,
+    base: Annotated[str | None, option(SbertTrainConfig, "base")] = None,
+    epochs: Annotated[int, option(SbertTrainConfig, "epochs")] = _D.sbert.epochs,
+    batch_size: Annotated[int, option(SbertTrainConfig, "batch_size")] = _D.sbert.batch_size,
+    lr: Annotated[float, option(SbertTrainConfig, "learning_rate")] = _D.sbert.learning_rate,
+    loss: Annotated[str, option(SbertTrainConfig, "loss")] = _D.sbert.loss,
+    ranking_weight: Annotated[float, option(SbertTrainConfig, "ranking_weight")] = _D.sbert.ranking_weight,
+    seed: Annotated[int, option(SbertTrainConfig, "seed")] = _D.sbert.seed,
+    max_seq_length: Annotated[int, option(SbertTrainConfig, "max_seq_length")] = _D.sbert.max_seq_length,
+    train_embeddings: Annotated[bool, option(SbertTrainConfig, "freeze_embeddings")] = False,
+    freeze_layers: Annotated[int, option(SbertTrainConfig, "freeze_layers")] = _D.sbert.freeze_layers,
+    resume: Annotated[bool, option(SbertTrainConfig, "resume")] = False,
+    keep_checkpoints: Annotated[bool, option(SbertTrainConfig, "keep_checkpoints")] = False,
+    out: Annotated[Path | None, option(SbertTrainConfig, "out")] = None,
+    quiet: Annotated[bool, option(SbertTrainConfig, "progress")] = False,
 ) -> None:
     """Fine-tune the S-BERT encoder on (question, entry, score) pairs; build-index then uses it."""
-    from .config import SbertTrainConfig
     from .training.sbert import train_sbert
 
     paths = _paths()
@@ -449,7 +409,6 @@ def evaluate_conversations_cmd(
     """Follow-ups and topic switches over the published index: right entry per kind of turn, switches not dragged
     back to the old topic — with conversation memory and, for comparison, each question alone."""
     configure_threads()  # one question at a time: set before torch is imported
-    from .config import SearchConfig
     from .data import load_conversations
     from .evaluate import evaluate_conversations
     from .retriever import Retriever
@@ -483,43 +442,24 @@ def evaluate_conversations_cmd(
 @app.command("train-llm", cls=_Command)
 @friendly
 def train_llm_cmd(
-    data: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--data",
-            help="SFT CSV/Parquet: user_question, rag_retrieved_data, output_message; repeat to train on several "
-            "files (default: data/sft_train.csv and data/sft_mismatch_train.csv under --home).",
-        ),
-    ] = None,
-    valid: Annotated[Path | None, typer.Option("--valid", help="Validation rows (eval loss per epoch).")] = None,
-    base_llm: Annotated[
-        str | None,
-        typer.Option("--base-llm", help="Base LLM: folder, built-in alias or hub id (default: smollm2-135m-instruct)."),
-    ] = None,
-    template: Annotated[
-        str, typer.Option("--template", help="auto | chat | plain | seed (the original Korean format).")
-    ] = _D.llm.template,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training rows.")] = _D.llm.epochs,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per training step.")] = _D.llm.batch_size,
-    lora_r: Annotated[int, typer.Option("--lora-r", help="LoRA rank of each adapted projection.")] = _D.llm.lora_r,
-    lora_alpha: Annotated[
-        int, typer.Option("--lora-alpha", help="LoRA scaling: the update is multiplied by alpha / r.")
-    ] = _D.llm.lora_alpha,
-    lora_dropout: Annotated[
-        float, typer.Option("--lora-dropout", help="Dropout on the LoRA input, in [0, 1).")
-    ] = _D.llm.lora_dropout,
-    lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = _D.llm.learning_rate,
-    max_length: Annotated[
-        int, typer.Option("--max-length", help="Longest prompt + answer in tokens.")
-    ] = _D.llm.max_length,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for shuffling and the LoRA initialisation.")] = _D.llm.seed,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
-    merge: Annotated[bool, typer.Option("--merge", help="Also write the merged model into <out>/merged.")] = False,
-    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: models/llm).")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    data: Annotated[list[Path] | None, option(LlmTrainConfig, "data")] = None,
+    valid: Annotated[Path | None, option(LlmTrainConfig, "valid")] = None,
+    base_llm: Annotated[str | None, option(LlmTrainConfig, "base_llm")] = None,
+    template: Annotated[str, option(LlmTrainConfig, "template")] = _D.llm.template,
+    epochs: Annotated[int, option(LlmTrainConfig, "epochs")] = _D.llm.epochs,
+    batch_size: Annotated[int, option(LlmTrainConfig, "batch_size")] = _D.llm.batch_size,
+    lora_r: Annotated[int, option(LlmTrainConfig, "lora_r")] = _D.llm.lora_r,
+    lora_alpha: Annotated[int, option(LlmTrainConfig, "lora_alpha")] = _D.llm.lora_alpha,
+    lora_dropout: Annotated[float, option(LlmTrainConfig, "lora_dropout")] = _D.llm.lora_dropout,
+    lr: Annotated[float, option(LlmTrainConfig, "learning_rate")] = _D.llm.learning_rate,
+    max_length: Annotated[int, option(LlmTrainConfig, "max_length")] = _D.llm.max_length,
+    seed: Annotated[int, option(LlmTrainConfig, "seed")] = _D.llm.seed,
+    resume: Annotated[bool, option(LlmTrainConfig, "resume")] = False,
+    merge: Annotated[bool, option(LlmTrainConfig, "merge")] = False,
+    out: Annotated[Path | None, option(LlmTrainConfig, "out")] = None,
+    quiet: Annotated[bool, option(LlmTrainConfig, "progress")] = False,
 ) -> None:
     """LoRA-tune the answering LLM on (entry or no-info, question, answer) rows; loss on the answer only."""
-    from .config import LlmTrainConfig
     from .training.llm import train_llm
 
     paths = _paths()
@@ -560,8 +500,8 @@ def _ask_config(
     adapter: Path | None,
     no_adapter: bool = False,
     no_guard: bool = False,
+    dtype: str = "auto",
 ) -> Any:
-    from .config import AskConfig
 
     return AskConfig(
         top_k=top_k,
@@ -573,6 +513,7 @@ def _ask_config(
         adapter=adapter,
         use_adapter=not no_adapter,
         guard=not no_guard,
+        dtype=dtype,
     )
 
 
@@ -586,23 +527,16 @@ def _print_answer(answer: Any, streamed: bool) -> None:
         typer.echo(f"\nsource: none ({_why_declined(answer)})")
 
 
-_TopK = Annotated[int, typer.Option("--top-k", "-k", help="Entries to retrieve.")]
-_Threshold = Annotated[
-    float | None, typer.Option("--threshold", help="Cosine below which the prompt says no information was found.")
-]
-_MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Longest answer in tokens.")]
-_Temp = Annotated[float, typer.Option("--temperature", help="0 = greedy (reproducible); above 0 samples.")]
-_Seed = Annotated[int, typer.Option("--seed", help="Seed for sampling.")]
-_BaseLLM = Annotated[
-    str | None, typer.Option("--base-llm", help="Base LLM (default: the adapter's, else smollm2-135m-instruct).")
-]
-_Adapter = Annotated[Path | None, typer.Option("--adapter", help="LoRA adapter folder (default: models/llm).")]
-_NoAdapter = Annotated[
-    bool, typer.Option("--no-adapter", help="Answer with the base model even if an adapter is trained.")
-]
-_NoGuard = Annotated[
-    bool, typer.Option("--no-guard", help="Keep the model's reply even when nothing matched and it did not decline.")
-]
+_TopK = Annotated[int, option(AskConfig, "top_k")]
+_Threshold = Annotated[float | None, option(AskConfig, "threshold")]
+_MaxNew = Annotated[int, option(AskConfig, "max_new_tokens")]
+_Temp = Annotated[float, option(AskConfig, "temperature")]
+_Seed = Annotated[int, option(AskConfig, "seed")]
+_BaseLLM = Annotated[str | None, option(AskConfig, "base_llm")]
+_Adapter = Annotated[Path | None, option(AskConfig, "adapter")]
+_NoAdapter = Annotated[bool, option(AskConfig, "use_adapter")]
+_NoGuard = Annotated[bool, option(AskConfig, "guard")]
+_DType = Annotated[str, option(AskConfig, "dtype")]
 
 
 @app.command("ask", cls=_Command)
@@ -629,6 +563,7 @@ def ask_cmd(
     adapter: _Adapter = None,
     no_adapter: _NoAdapter = False,
     no_guard: _NoGuard = False,
+    dtype: _DType = _D.ask.dtype,
 ) -> None:
     """Answer a question: retrieve the best entry, build the prompt, generate with the LoRA-tuned LLM."""
     configure_threads()  # one question at a time: set before torch is imported
@@ -638,7 +573,9 @@ def ask_cmd(
 
     if (question is None) == (file is None):
         raise UsageError("give a question or --file FILE (one question per line), not both")
-    config = _ask_config(top_k, threshold, max_new_tokens, temperature, seed, base_llm, adapter, no_adapter, no_guard)
+    config = _ask_config(
+        top_k, threshold, max_new_tokens, temperature, seed, base_llm, adapter, no_adapter, no_guard, dtype
+    )
     questions = [check_question(question)] if question is not None else load_questions(file)  # type: ignore[arg-type]
     if out is not None:
         _check_out(out)  # before minutes of model loading
@@ -693,13 +630,16 @@ def chat_cmd(
     adapter: _Adapter = None,
     no_adapter: _NoAdapter = False,
     no_guard: _NoGuard = False,
+    dtype: _DType = _D.ask.dtype,
 ) -> None:
     """Ask questions in a loop (models loaded once). An empty line, 'exit' or Ctrl-D ends it."""
     configure_threads()  # one question at a time: set before torch is imported
     from .engine import QueryEngine
     from .retriever import check_question
 
-    config = _ask_config(top_k, threshold, max_new_tokens, temperature, seed, base_llm, adapter, no_adapter, no_guard)
+    config = _ask_config(
+        top_k, threshold, max_new_tokens, temperature, seed, base_llm, adapter, no_adapter, no_guard, dtype
+    )
     engine = QueryEngine.load(config, _paths())
     if engine.notice:
         typer.echo(f"notice: {engine.notice}", err=True)
@@ -738,21 +678,11 @@ def chat_cmd(
 @app.command("serve", cls=_Command)
 @friendly
 def serve_cmd(
-    host: Annotated[
-        str, typer.Option("--host", help="Address to bind; a non-local one needs --api-key.")
-    ] = _D.serve.host,
-    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = _D.serve.port,
-    api_key: Annotated[
-        str | None,
-        typer.Option("--api-key", envvar="OHLORA_API_KEY", help="Bearer token every /v1 request must carry."),
-    ] = None,
-    cors_origin: Annotated[
-        list[str] | None,
-        typer.Option("--cors-origin", help="An origin allowed to call the API from its pages; repeat for several."),
-    ] = None,
-    max_batch: Annotated[
-        int, typer.Option("--max-batch", help="Most answers generated together.")
-    ] = _D.serve.max_batch,
+    host: Annotated[str, option(ServeConfig, "host")] = _D.serve.host,
+    port: Annotated[int, option(ServeConfig, "port")] = _D.serve.port,
+    api_key: Annotated[str | None, option(ServeConfig, "api_key", envvar="OHLORA_API_KEY")] = None,
+    cors_origin: Annotated[list[str] | None, option(ServeConfig, "cors_origins")] = None,
+    max_batch: Annotated[int, option(ServeConfig, "max_batch")] = _D.serve.max_batch,
     top_k: _TopK = _D.ask.top_k,
     threshold: _Threshold = None,
     max_new_tokens: _MaxNew = _D.ask.max_new_tokens,
@@ -760,19 +690,19 @@ def serve_cmd(
     adapter: _Adapter = None,
     no_adapter: _NoAdapter = False,
     no_guard: _NoGuard = False,
+    dtype: _DType = _D.ask.dtype,
 ) -> None:
     """Serve the tutor: a web chat page at /, an OpenAI-compatible API at /v1 (chat completions with streaming,
     models, search), /health. Models load once; follow-up questions use the conversation; Ctrl-C or SIGTERM stops
     after the answers in flight."""
     configure_threads("ACTIVE")  # a server owns the machine: spinning OpenMP threads serve it faster (bench/serve.py)
-    from .config import ServeConfig
     from .engine import QueryEngine
     from .server import serve
 
     config = ServeConfig(
         host=host, port=port, api_key=api_key, cors_origins=tuple(cors_origin or ()), max_batch=max_batch
     )
-    ask = _ask_config(top_k, threshold, max_new_tokens, 0.0, 0, base_llm, adapter, no_adapter, no_guard)
+    ask = _ask_config(top_k, threshold, max_new_tokens, 0.0, 0, base_llm, adapter, no_adapter, no_guard, dtype)
     paths = _paths()
 
     def load() -> QueryEngine:
@@ -809,6 +739,7 @@ def evaluate_answers_cmd(
     base_llm: _BaseLLM = None,
     adapter: _Adapter = None,
     no_adapter: _NoAdapter = False,
+    dtype: _DType = _D.ask.dtype,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Generate an answer per row: abstention accuracy on no-information rows, grounding, ROUGE-L."""
@@ -824,7 +755,9 @@ def evaluate_answers_cmd(
     rows = load_sft_files(files, split=None)
     if limit is not None:
         rows = SftRows(rows.path, rows.questions[:limit], rows.entries[:limit], rows.answers[:limit])
-    config = _ask_config(top_k, threshold, max_new_tokens, 0.0, 0, base_llm, adapter, no_adapter, no_guard=True)
+    config = _ask_config(
+        top_k, threshold, max_new_tokens, 0.0, 0, base_llm, adapter, no_adapter, no_guard=True, dtype=dtype
+    )
     engine = QueryEngine.load(config, paths, retrieve=full_pipeline)
     choice = engine.generator.choice
     if choice.notice:

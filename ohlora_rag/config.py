@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from .errors import UsageError
 
@@ -23,9 +25,47 @@ DEFAULT_LLM = "smollm2-135m-instruct"
 #: Cosine threshold used when neither the command line nor a calibrated manifest gives one (the seed's value).
 FALLBACK_THRESHOLD = 0.5
 
+#: Texts per encoder forward pass, wherever texts are encoded (build-index, evaluations, training's validation).
+ENCODE_BATCH = 32
+
+#: What train-sbert and train-llm train on when no --data is given, under the home folder.
+SBERT_TRAIN_DATA = Path("data/sbert_train.csv")
+LLM_TRAIN_DATA = (Path("data/sft_train.csv"), Path("data/sft_mismatch_train.csv"))
+
 #: Longest concept DB entry, in characters: the encoder reads the first few hundred tokens, and the answering LLM's
 #: whole prompt has to hold the entry (the project's longest is under 1,000).
 MAX_ENTRY_CHARS = 20_000
+
+
+def knob(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    short: str | None = None,
+    negate: bool = False,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
+    """A user-facing setting, declared once: its default and its `--help` text. The command line builds its
+    option from this (`cli.option`), and tests/test_config_cli.py fails when an option's default or help differs.
+
+    Args:
+        default: the value when the option is not given (MISSING: required by the API, resolved by the CLI).
+        help: the option's help text.
+        flag: the option's name, when it is not `--field-name`.
+        short: a one-letter alias such as "-k".
+        negate: the flag turns the (True by default) setting off, e.g. `--quiet` for `progress`.
+        factory: makes the default (for mutable values).
+    """
+    metadata = {"help": help, "flag": flag, "short": short, "negate": negate}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def option_name(f: Any) -> str:
+    """The command-line flag of a dataclass field declared with `knob`."""
+    return str(f.metadata.get("flag") or "--" + f.name.replace("_", "-"))
 
 
 def check_finite(config: object, flags: dict[str, str] | None = None) -> None:
@@ -97,19 +137,24 @@ class Paths:
 class IndexConfig:
     """`build-index` settings."""
 
-    db: Path | None = None
-    """Concept DB (.txt/.csv/.parquet); None means data/concepts.csv under the home folder."""
-    encoder: str | None = None
-    """Encoder reference; None means models/sbert/ when trained, else the built-in base encoder."""
-    batch_size: int = 32
-    """Texts per encoder forward pass (32, sentence-transformers' own default, measured fastest on CPU)."""
-    progress: bool = True
-    """Show a progress bar while encoding."""
-    calibration: Path | None = None
-    """Labelled questions (question, kind, concept_id — or S-BERT pairs) to fit the entry decision on; None means
-    data/trust_calib.csv when the DB is data/concepts.csv."""
-    calibrate: bool = True
-    """Fit the entry decision when a calibration file is given or found; False keeps the cosine threshold alone."""
+    db: Path | None = knob(None, "Concept DB (.txt/.csv/.parquet) (default: data/concepts.csv).")
+    encoder: str | None = knob(
+        None,
+        "Encoder: folder, built-in alias or hub id (default: models/sbert/ if trained, else the shipped tutor "
+        f"encoder {DEFAULT_TUTOR_ENCODER}).",
+    )
+    # 32, sentence-transformers' own default, measured fastest on CPU.
+    batch_size: int = knob(ENCODE_BATCH, "Texts per encoder batch.")
+    progress: bool = knob(True, "No progress bar.", flag="--quiet", short="-q", negate=True)
+    calibration: Path | None = knob(
+        None,
+        "Labelled questions (question,kind,concept_id — or S-BERT pairs) to fit the entry decision on "
+        "(default: data/trust_calib.csv for data/concepts.csv).",
+        flag="--calibrate",
+    )
+    calibrate: bool = knob(
+        True, "Fit no decision model: search uses the cosine threshold alone.", flag="--no-calibrate", negate=True
+    )
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -121,12 +166,12 @@ class IndexConfig:
 class SearchConfig:
     """`search` settings."""
 
-    top_k: int = 3
-    """How many entries to return."""
-    threshold: float | None = None
-    """Cosine below which a hit counts as 'no matching information'; None means the calibrated or fallback value."""
-    encoder: str | None = None
-    """Encoder to query with; None means the one that would build the index (models/sbert/ or the base)."""
+    top_k: int = knob(3, "Entries to show.", short="-k")
+    threshold: float | None = knob(
+        None,
+        f"Cosine below which nothing counts as a match (default: the entry decision, else calibrated, else {FALLBACK_THRESHOLD}).",
+    )
+    encoder: str | None = knob(None, "Encoder to query with (default: the one build-index uses).")
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -146,39 +191,42 @@ class SbertTrainConfig:
     each distinct text is encoded once, a ranking term for the right entry, the word embeddings and the lowest
     2 layers fixed, matmuls in bfloat16 where the hardware has it, and one validation at the end."""
 
-    data: Path
-    """Pairs file (.csv/.parquet) with user_question, rag_retrieved_data, similarity_score (+ optional data_type)."""
-    valid: Path | None = None
-    """Validation pairs; None means a seeded 10 % split of the training questions."""
-    base: str | None = None
-    """Encoder to start from; None means the built-in base encoder."""
-    epochs: int = 4
-    batch_size: int = 32
-    """Pairs per step; `hybrid` packs whole questions up to this many pairs (a larger question gets a step alone)."""
-    learning_rate: float = 1e-4
+    data: Path = knob(
+        help="Pairs CSV/Parquet: user_question, rag_retrieved_data, similarity_score "
+        f"(default: {SBERT_TRAIN_DATA} under --home)."
+    )
+    valid_fraction: float = 0.1
+    """Share of the training questions held out for validation and calibration when no `valid` file is given."""
+    valid: Path | None = knob(None, "Validation pairs (default: a seeded 10 % split by question).")
+    base: str | None = knob(None, f"Encoder to start from (default: {DEFAULT_ENCODER}).")
+    epochs: int = knob(4, "Passes over the training pairs.")
+    # hybrid packs whole questions up to this many pairs (a larger question gets a step alone).
+    batch_size: int = knob(32, "Pairs per step (hybrid: whole questions up to this many pairs).")
+    learning_rate: float = knob(1e-4, "Learning rate.", flag="--lr")
     warmup_ratio: float = 0.1
-    loss: str = "hybrid"
-    """hybrid (CosineSimilarityLoss on every pair + a softmax ranking term for each question's right entry against
-    every entry of its batch, batches of whole questions), cosine (CosineSimilarityLoss, the seed's), cosent
-    (CoSENTLoss), or mnrl (MultipleNegativesRankingLoss on the 1.0 pairs)."""
-    ranking_weight: float = 0.2
-    """Weight of hybrid's ranking term next to its cosine term (0 = the cosine loss alone, batched by question)."""
-    seed: int = 42
-    max_seq_length: int = 64
-    freeze_embeddings: bool = True
-    """Keep the 96 M-parameter word-embedding matrix fixed: most of the model's size, little of its quality."""
-    freeze_layers: int = 2
-    """Also keep the embedding block and the lowest N transformer layers fixed (no backward pass through them)."""
+    """Share of the steps over which the learning rate rises linearly from 0 (the seed's 10 %)."""
+    # hybrid: CosineSimilarityLoss on every pair + a softmax ranking term for each question's right entry against
+    # every entry of its batch; cosine: CosineSimilarityLoss on pair batches (the seed's); cosent: CoSENTLoss;
+    # mnrl: MultipleNegativesRankingLoss on the 1.0 pairs.
+    loss: str = knob(
+        "hybrid", "hybrid (cosine + a ranking term, batches of whole questions) | cosine (the seed's) | cosent | mnrl."
+    )
+    ranking_weight: float = knob(0.2, "hybrid: weight of the ranking term (0 = cosine only).")
+    seed: int = knob(42, "Seed for the validation split, shuffling and initialisation.")
+    max_seq_length: int = knob(64, "Longest input in tokens; longer texts are truncated.")
+    # The 96 M-parameter word-embedding matrix: most of the model's size, little of its quality.
+    freeze_embeddings: bool = knob(
+        True, "Also update the word-embedding matrix (slow on CPU).", flag="--train-embeddings", negate=True
+    )
+    # Also keeps the embedding block fixed: no backward pass through any of them.
+    freeze_layers: int = knob(2, "Keep the lowest N transformer layers fixed.")
     bf16: bool | None = None
     """bfloat16 autocast (fp32 master weights); None means on where the hardware has native bf16 (AVX512-BF16/AMX, or CUDA)."""
-    valid_fraction: float = 0.1
-    resume: bool = False
-    """Continue from the last checkpoint in <out>.checkpoints/."""
-    keep_checkpoints: bool = False
-    """Keep <out>.checkpoints/ after a successful run (it is removed otherwise; a failed run always keeps it)."""
-    out: Path | None = None
-    """Output folder; None means models/sbert under the home folder."""
-    progress: bool = True
+    resume: bool = knob(False, "Continue from the last checkpoint.")
+    # A failed run always keeps it.
+    keep_checkpoints: bool = knob(False, "Keep <out>.checkpoints/ after a successful run (removed by default).")
+    out: Path | None = knob(None, "Output folder (default: models/sbert).")
+    progress: bool = knob(True, "No progress bar.", flag="--quiet", short="-q", negate=True)
 
     def __post_init__(self) -> None:
         check_finite(self, {"learning_rate": "--lr", "valid_fraction": "valid fraction"})
@@ -203,32 +251,30 @@ class LlmTrainConfig:
     """`train-llm` settings: LoRA SFT with the original project's LoRA shape (r 64, alpha 16, dropout 0.05,
     lr 3e-4, all attention and MLP projections), loss on the answer only, EOS learned."""
 
-    data: Path | list[Path]
-    """SFT file(s) (.csv/.parquet): user_question, rag_retrieved_data, output_message (+ optional data_type);
-    several files are concatenated."""
-    valid: Path | None = None
-    """Validation rows for an eval loss per epoch; None means none."""
-    base_llm: str | None = None
-    """Base LLM; None means the built-in smollm2-135m-instruct."""
-    template: str = "auto"
-    """Prompt template: auto (the tokenizer's chat template, else plain), chat, plain, or seed (the original Korean format)."""
-    epochs: int = 3
-    batch_size: int = 8
-    learning_rate: float = 3e-4
-    lora_r: int = 64
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    max_length: int = 512
-    """Longest prompt + answer in tokens; a longer row is refused by the pre-flight check."""
-    seed: int = 42
+    # Several files are concatenated; each may carry an optional data_type column.
+    data: Path | list[Path] = knob(
+        help="SFT CSV/Parquet: user_question, rag_retrieved_data, output_message; repeat to train on several "
+        f"files (default: {' and '.join(str(p) for p in LLM_TRAIN_DATA)} under --home)."
+    )
+    valid: Path | None = knob(None, "Validation rows (eval loss per epoch).")
+    base_llm: str | None = knob(None, f"Base LLM: folder, built-in alias or hub id (default: {DEFAULT_LLM}).")
+    # auto: the tokenizer's chat template, else plain.
+    template: str = knob("auto", "auto | chat | plain | seed (the original Korean format).")
+    epochs: int = knob(3, "Passes over the training rows.")
+    batch_size: int = knob(8, "Rows per training step.")
+    learning_rate: float = knob(3e-4, "Learning rate.", flag="--lr")
+    lora_r: int = knob(64, "LoRA rank of each adapted projection.")
+    lora_alpha: int = knob(16, "LoRA scaling: the update is multiplied by alpha / r.")
+    lora_dropout: float = knob(0.05, "Dropout on the LoRA input, in [0, 1).")
+    # A longer row is refused by the pre-flight check.
+    max_length: int = knob(512, "Longest prompt + answer in tokens.")
+    seed: int = knob(42, "Seed for shuffling and the LoRA initialisation.")
     bf16: bool | None = None
     """bfloat16 autocast; None means on where the hardware has native bf16."""
-    resume: bool = False
-    merge: bool = False
-    """Also write the merged model (base + adapter) into <out>/merged."""
-    out: Path | None = None
-    """Output folder; None means models/llm under the home folder."""
-    progress: bool = True
+    resume: bool = knob(False, "Continue from the last checkpoint.")
+    merge: bool = knob(False, "Also write the merged model into <out>/merged.")
+    out: Path | None = knob(None, "Output folder (default: models/llm).")
+    progress: bool = knob(True, "No progress bar.", flag="--quiet", short="-q", negate=True)
 
     def __post_init__(self) -> None:
         from .prompt import TEMPLATES
@@ -245,33 +291,45 @@ class LlmTrainConfig:
             raise UsageError(f"--template {self.template}: choose one of {', '.join(TEMPLATES)}")
 
 
+#: The LLM weight types `--dtype` takes.
+DTYPES = ("auto", "float32", "bfloat16")
+
+
 @dataclass
 class AskConfig:
     """`ask` / `chat` settings."""
 
-    top_k: int = 3
-    """Entries retrieved (the best one goes into the prompt; all are reported as sources)."""
-    threshold: float | None = None
-    """Cosine below which the prompt says no matching information was found; None means calibrated or fallback."""
-    max_new_tokens: int = 160
-    temperature: float = 0.0
-    """0 means greedy decoding (reproducible); above 0 samples, seeded by `seed`."""
-    seed: int = 0
-    base_llm: str | None = None
-    """Base LLM; None means the one the adapter was trained on, else the built-in smollm2-135m-instruct."""
-    adapter: Path | None = None
-    """LoRA adapter folder; None means models/llm when trained."""
-    use_adapter: bool = True
-    """False answers with the base model even when an adapter is trained (for before/after comparisons)."""
+    # The best one goes into the prompt; all are reported as sources.
+    top_k: int = knob(3, "Entries to retrieve.", short="-k")
+    threshold: float | None = knob(
+        None,
+        "Cosine below which the prompt says no information was found (default: the entry decision, else calibrated).",
+    )
+    max_new_tokens: int = knob(160, "Longest answer in tokens.")
+    temperature: float = knob(0.0, "0 = greedy (reproducible); above 0 samples.")
+    seed: int = knob(0, "Seed for sampling.")
+    base_llm: str | None = knob(None, f"Base LLM (default: the adapter's, else {DEFAULT_LLM}).")
+    adapter: Path | None = knob(None, "LoRA adapter folder (default: models/llm, else the shipped tutor adapter).")
+    # For before/after comparisons.
+    use_adapter: bool = knob(
+        True, "Answer with the base model even if an adapter is trained.", flag="--no-adapter", negate=True
+    )
     template: str | None = None
     """Prompt template; None means the adapter's (or the tokenizer's chat template)."""
-    guard: bool = True
-    """When nothing matched and the model's reply does not decline, answer with the standard decline instead:
-    a small model can still invent an answer, and without an entry there is nothing to ground it."""
+    # A small model can still invent an answer, and without an entry there is nothing to ground it: when nothing
+    # matched and the reply does not decline, the standard decline replaces it.
+    guard: bool = knob(
+        True, "Keep the model's reply even when nothing matched and it did not decline.", flag="--no-guard", negate=True
+    )
+    dtype: str = knob(
+        "auto", "LLM weights: auto = bfloat16 where the CPU/GPU runs it natively, else float32; or float32, bfloat16."
+    )
 
     def __post_init__(self) -> None:
         check_finite(self)
         SearchConfig(top_k=self.top_k, threshold=self.threshold)  # same checks as search
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
         if self.max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens {self.max_new_tokens}: must be at least 1")
         if self.temperature < 0:
@@ -286,15 +344,14 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 class ServeConfig:
     """`serve` settings."""
 
-    host: str = "127.0.0.1"
-    """Address to bind; anything but loopback needs an API key."""
-    port: int = 8000
-    api_key: str | None = None
-    """Bearer token every API request must carry; required to bind a non-local address."""
-    cors_origins: tuple[str, ...] = ()
-    """Origins allowed to call the API from a browser page served elsewhere (none: same origin only)."""
-    max_batch: int = 8
-    """Most answers generated together in one batch."""
+    host: str = knob("127.0.0.1", "Address to bind; a non-local one needs --api-key.")
+    port: int = knob(8000, "Port to listen on.")
+    api_key: str | None = knob(None, "Bearer token every /v1 request must carry (or $OHLORA_API_KEY).")
+    # None: same origin only.
+    cors_origins: tuple[str, ...] = knob(
+        (), "An origin allowed to call the API from its pages; repeat for several.", flag="--cors-origin"
+    )
+    max_batch: int = knob(8, "Most answers generated together.")
     max_body_bytes: int = 1_000_000
     """Largest request body accepted (413 above)."""
     max_question_chars: int = 4_000
@@ -324,9 +381,7 @@ class Defaults:
 
     index: IndexConfig = field(default_factory=IndexConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
-    sbert: SbertTrainConfig = field(default_factory=lambda: SbertTrainConfig(data=Path("data/sbert_train.csv")))
+    sbert: SbertTrainConfig = field(default_factory=lambda: SbertTrainConfig(data=SBERT_TRAIN_DATA))
     ask: AskConfig = field(default_factory=AskConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
-    llm: LlmTrainConfig = field(
-        default_factory=lambda: LlmTrainConfig(data=[Path("data/sft_train.csv"), Path("data/sft_mismatch_train.csv")])
-    )
+    llm: LlmTrainConfig = field(default_factory=lambda: LlmTrainConfig(data=list(LLM_TRAIN_DATA)))

@@ -82,13 +82,13 @@ class Conversation:
     """The retrieval side of a conversation: the topic so far, and how each question was searched."""
 
     retriever: Retriever
-    top_k: int = 3
+    top_k: int | None = None  # None: the retriever's
     turns: list[Turn] = field(default_factory=list)
     topic: str | None = None  # the text that found the current topic's entry
     topic_position: int | None = None  # that entry's position in the index
 
     @classmethod
-    def replay(cls, retriever: Retriever, questions: Iterable[str], top_k: int = 3) -> Conversation:
+    def replay(cls, retriever: Retriever, questions: Iterable[str], top_k: int | None = None) -> Conversation:
         """A conversation that has already asked `questions` (the user turns of a chat history)."""
         conversation = cls(retriever, top_k)
         for question in questions:

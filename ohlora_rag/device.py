@@ -1,5 +1,5 @@
-"""Where torch work runs: CUDA when present, else the CPU (with OpenMP threads that sleep while they wait); whether
-bfloat16 is native there."""
+"""Process setup for torch work: where it runs (CUDA when present, else the CPU, with OpenMP threads that sleep
+while they wait), whether bfloat16 is native there, and quiet library logging."""
 
 from __future__ import annotations
 
@@ -43,17 +43,31 @@ def configure_threads(wait_policy: str = "PASSIVE") -> list[str]:
     return applied
 
 
+def quiet_transformers() -> None:
+    """Silence weight-loading bars and 'newly initialised' chatter; our own progress bars stay."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for module in ("transformers", "peft", "trl", "sentence_transformers"):  # deprecation notices meant for their devs
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+
+
 def torch_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def native_bf16() -> bool:
-    """True where bfloat16 matmuls run natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX."""
+def native_bf16(device: str | None = None) -> bool:
+    """True where bfloat16 matmuls run natively on `device` (default: where torch work runs): a CUDA GPU with
+    bf16, or a CPU with AVX512-BF16 or AMX."""
     import torch
 
-    if torch.cuda.is_available():
+    if (device or torch_device()).startswith("cuda"):
         return bool(torch.cuda.is_bf16_supported())
     cpu = torch.cpu
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")

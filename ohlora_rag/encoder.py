@@ -1,27 +1,72 @@
-"""The S-BERT wrapper: texts -> L2-normalised float32 vectors, with the model's own query/passage prompts."""
+"""The S-BERT wrapper: texts -> L2-normalised float32 vectors, with the model's own query/passage prompts.
+
+A sentence-transformers folder of the common shape — a Hugging Face transformer, mean or CLS pooling, optional
+normalisation (every e5 model, the shipped tutor encoder, what `train-sbert` saves) — is run through transformers'
+`AutoModel` directly, with the folder's own prompts, pooling and sequence limit: the vectors are the ones
+`SentenceTransformer.encode` gives (tests/test_encoder.py), without importing sentence-transformers, which with its
+optional backends (scikit-learn, datasets, peft) took 4-7 s of every `search` and `ask`. Any other folder (other
+modules, a hub id) is loaded by `SentenceTransformer` itself.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .device import torch_device
+from .config import ENCODE_BATCH
+from .device import quiet_transformers, torch_device
 from .models import ModelRef, loading
 
+#: The module classes of a plain folder, by class name (sentence-transformers has moved them between versions).
+_PLAIN = ("Transformer", "Pooling", "Normalize")
 
-def quiet_transformers() -> None:
-    """Silence weight-loading bars and 'newly initialised' chatter; our own progress bars stay."""
-    import warnings
 
-    import transformers
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8") or "{}")
+    return data if isinstance(data, dict) else {}
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    for module in ("transformers", "peft", "trl", "sentence_transformers"):  # deprecation notices meant for their devs
-        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+
+def _plain_pooling(folder: Path) -> str | None:
+    """The pooling ("mean" or "cls") of a Transformer -> Pooling -> [Normalize] folder; None for other shapes."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+        types = [str(m["type"]) for m in modules]
+        paths = [str(m.get("path", "")) for m in modules]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    names = [t.rsplit(".", 1)[-1] if t.startswith("sentence_transformers.") else t for t in types]
+    if names not in (list(_PLAIN[:2]), list(_PLAIN)) or paths[0] != "":
+        return None
+    if _read_json(folder / "sentence_bert_config.json").get("do_lower_case"):
+        return None
+    pooling = _read_json(folder / paths[1] / "config.json")
+    if "pooling_mode" in pooling:  # sentence-transformers 6
+        mode = pooling["pooling_mode"]
+    else:
+        on = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v]
+        mode = (
+            {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}.get(on[0]) if len(on) == 1 else None
+        )
+    if mode not in ("mean", "cls") or pooling.get("include_prompt") is False:
+        return None
+    if not (folder / "tokenizer.json").is_file() or not _token(
+        _read_json(folder / "tokenizer_config.json").get("pad_token")
+    ):
+        return None  # a slow (sentencepiece-only) tokenizer, or one that cannot pad: sentence-transformers handles it
+    return str(mode)
+
+
+def _token(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
 
 
 class Encoder:
@@ -32,25 +77,57 @@ class Encoder:
     """
 
     def __init__(self, ref: ModelRef, device: str | None = None) -> None:
-        from sentence_transformers import SentenceTransformer
-
         quiet_transformers()
         self.ref = ref
+        self.device = device or torch_device()
+        self.model: Any = None  # the SentenceTransformer, for folders of another shape
         with loading(ref, "encoder"):
-            self.model: Any = SentenceTransformer(str(ref.path), device=device or torch_device(), local_files_only=True)
-            get_dim = (
-                getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-            )
-            self.dim = int(get_dim())
+            pooling = _plain_pooling(ref.path)
+            if pooling is None:
+                self._load_sentence_transformer()
+            else:
+                self._load_transformer(pooling)
+
+    def _load_sentence_transformer(self) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(str(self.ref.path), device=self.device, local_files_only=True)
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(get_dim())
+        self.prompts: dict[str, str] = dict(self.model.prompts or {})
+
+    def _load_transformer(self, pooling: str) -> None:
+        from tokenizers import Tokenizer
+        from transformers import AutoModel
+
+        folder = self.ref.path
+        self.pooling = pooling
+        settings = _read_json(folder / "config_sentence_transformers.json")
+        self.prompts = {k: str(v) for k, v in (settings.get("prompts") or {}).items()}
+        self.transformer = AutoModel.from_pretrained(folder, local_files_only=True).to(self.device).eval()
+        # sentence-transformers' limit: the folder's max_seq_length, else the tokenizer's, capped by the positions.
+        tokenizer_config = _read_json(folder / "tokenizer_config.json")
+        limit = _read_json(folder / "sentence_bert_config.json").get("max_seq_length") or tokenizer_config.get(
+            "model_max_length", 512
+        )
+        positions = getattr(self.transformer.config, "max_position_embeddings", None)
+        self.max_length = int(min(limit, positions) if positions and positions > 0 else limit)
+        self.dim = int(self.transformer.config.hidden_size)
+        # The tokenizers library on the folder's tokenizer.json: what AutoTokenizer would run, without the second,
+        # pure-Python parse of the same 17 MB file that AutoTokenizer makes (0.6 s of every `search`).
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        pad = _token(tokenizer_config.get("pad_token"))
+        pad_id = self.tokenizer.token_to_id(pad) if pad else None
+        self.tokenizer.enable_truncation(self.max_length)
+        self.tokenizer.enable_padding(pad_id=pad_id or 0, pad_token=pad or "[PAD]")
 
     @property
     def fingerprint(self) -> str:
         return self.ref.fingerprint
 
-    def _prompt(self, name: str) -> str | None:
-        return name if name in (self.model.prompts or {}) else None
-
-    def encode(self, texts: Sequence[str], kind: str, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    def encode(
+        self, texts: Sequence[str], kind: str, batch_size: int = ENCODE_BATCH, progress: bool = False
+    ) -> np.ndarray:
         """Encode texts.
 
         Args:
@@ -64,18 +141,48 @@ class Encoder:
         """
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        vectors = self.model.encode(
-            list(texts),
-            prompt_name=self._prompt(kind),
-            batch_size=batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=progress,
-        )
-        return np.ascontiguousarray(vectors, dtype=np.float32)  # (n, dim)
+        if self.model is not None:
+            vectors = self.model.encode(
+                list(texts),
+                prompt_name=kind if kind in self.prompts else None,
+                batch_size=batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=progress,
+            )
+            return np.ascontiguousarray(vectors, dtype=np.float32)  # (n, dim)
+        return self._encode(texts, self.prompts.get(kind, ""), batch_size, progress)
 
-    def encode_queries(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    def _encode(self, texts: Sequence[str], prompt: str, batch_size: int, progress: bool) -> np.ndarray:
+        import torch
+
+        # Longest first, as sentence-transformers batches: similar lengths pad little.
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.empty((len(texts), self.dim), np.float32)
+        starts = range(0, len(texts), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="Batches")
+        with torch.inference_mode():
+            for start in starts:
+                rows = order[start : start + batch_size]
+                encoded = self.tokenizer.encode_batch([prompt + texts[i] for i in rows])
+                ids = torch.tensor([e.ids for e in encoded], device=self.device)
+                attention = torch.tensor([e.attention_mask for e in encoded], device=self.device)
+                hidden = self.transformer(input_ids=ids, attention_mask=attention).last_hidden_state.float()
+                if self.pooling == "cls":
+                    pooled = hidden[:, 0]
+                else:
+                    mask = attention.unsqueeze(-1).to(hidden.dtype)  # (b, tokens, 1)
+                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                out[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+        return out  # (n, dim), unit rows
+
+    def encode_queries(self, texts: Sequence[str], batch_size: int = ENCODE_BATCH) -> np.ndarray:
         return self.encode(texts, "query", batch_size)
 
-    def encode_passages(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    def encode_passages(
+        self, texts: Sequence[str], batch_size: int = ENCODE_BATCH, progress: bool = False
+    ) -> np.ndarray:
         return self.encode(texts, "passage", batch_size, progress)

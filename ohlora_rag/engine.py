@@ -37,7 +37,11 @@ class TextGenerator(Protocol):
     def choice(self) -> LLMChoice: ...
 
     def start(
-        self, prompt: str, max_new_tokens: int = 160, temperature: float = 0.0, seed: int | None = None
+        self,
+        prompt: str,
+        max_new_tokens: int = AskConfig.max_new_tokens,
+        temperature: float = AskConfig.temperature,
+        seed: int | None = None,
     ) -> Reply: ...
 
 
@@ -182,7 +186,9 @@ class QueryEngine:
         retriever = (
             Retriever.load(SearchConfig(top_k=config.top_k, threshold=config.threshold), paths) if retrieve else None
         )
-        llm = Generator(choose_llm(config.base_llm, config.adapter, paths, config.template, config.use_adapter))
+        llm = Generator(
+            choose_llm(config.base_llm, config.adapter, paths, config.template, config.use_adapter), dtype=config.dtype
+        )
         generator: TextGenerator = llm
         if batch:
             from .batching import Batcher

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .config import ENCODE_BATCH
 from .data import Pairs
 from .decision import FEATURES, Outcomes, decide, fit_decision, outcomes
 from .encoder import Encoder
@@ -172,7 +173,7 @@ def calibrate(right: Sequence[float], wrong: Sequence[float], unanswerable: Sequ
 
 
 def evaluate_retrieval(
-    encoder: Encoder, pairs: Pairs, db_texts: Sequence[str] | None = None, batch_size: int = 64
+    encoder: Encoder, pairs: Pairs, db_texts: Sequence[str] | None = None, batch_size: int = ENCODE_BATCH
 ) -> RetrievalReport:
     """Pair metrics on `pairs`; ranking metrics and a threshold calibration over `db_texts`.
 
@@ -379,7 +380,10 @@ class ConversationReport:
 
 
 def evaluate_conversations(
-    retriever: Retriever, conversations: Sequence[Sequence[ConversationTurn]], top_k: int = 3, follow: bool = True
+    retriever: Retriever,
+    conversations: Sequence[Sequence[ConversationTurn]],
+    top_k: int | None = None,
+    follow: bool = True,
 ) -> ConversationReport:
     """Replay each conversation turn by turn (`follow=False`: every question alone, the no-memory baseline)."""
     from .conversation import Conversation

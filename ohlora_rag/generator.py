@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_LLM, Paths
+from .config import DEFAULT_LLM, AskConfig, Paths
 from .device import configure_threads
 from .errors import ModelNotFoundError, OhloraError
 from .models import ModelRef, check_json_files, loading, read_manifest, resolve, staged_folder
@@ -136,17 +136,22 @@ def shipped_adapter() -> Path | None:
 class Generator:
     """A causal LM ready to answer prompts built by `PromptBuilder`."""
 
-    def __init__(self, choice: LLMChoice, device: str | None = None) -> None:
+    def __init__(self, choice: LLMChoice, device: str | None = None, dtype: str = "auto") -> None:
         configure_threads()  # a no-op when torch is imported already
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .device import torch_device
-        from .encoder import quiet_transformers
+        from .device import native_bf16, quiet_transformers, torch_device
 
         quiet_transformers()
         self.choice = choice
         self.device = device or torch_device()
+        if dtype == "auto":
+            # bf16 halves the bytes each token reads; where it runs natively it is what fp32 gives within the
+            # evaluation's noise (README, "How answers are made"). A CPU without it would emulate it, slowly.
+            dtype = "bfloat16" if native_bf16(self.device) else "float32"
+        self.dtype = dtype
+        weights = getattr(torch, dtype)
         source = choice.adapter if choice.adapter and (choice.adapter / "tokenizer.json").exists() else choice.base.path
         with loading(ModelRef(str(source), Path(source)), "LLM tokenizer"):
             self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
@@ -154,7 +159,7 @@ class Generator:
         if merged is not None and (merged / "config.json").is_file():
             # The merge of this base and this adapter, made by an earlier run: a plain load, no PEFT, no merge.
             with loading(ModelRef(str(merged), merged), "merged LLM"):
-                model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, local_files_only=True)
+                model = AutoModelForCausalLM.from_pretrained(merged, dtype=weights, local_files_only=True)
         else:
             with loading(choice.base, "LLM"):
                 model = AutoModelForCausalLM.from_pretrained(
@@ -168,10 +173,16 @@ class Generator:
                     model = PeftModel.from_pretrained(model, str(choice.adapter)).merge_and_unload()
                 if merged is not None:
                     _keep_merged(model, merged)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device, weights).eval()
         self.prompts = PromptBuilder.create(self.tokenizer, choice.template)
 
-    def start(self, prompt: str, max_new_tokens: int = 160, temperature: float = 0.0, seed: int | None = None) -> Reply:
+    def start(
+        self,
+        prompt: str,
+        max_new_tokens: int = AskConfig.max_new_tokens,
+        temperature: float = AskConfig.temperature,
+        seed: int | None = None,
+    ) -> Reply:
         """Start generating an answer to `prompt` in a worker thread; iterate the reply for its pieces.
 
         Args:
@@ -187,7 +198,11 @@ class Generator:
         return pending.reply
 
     def generate(
-        self, prompt: str, max_new_tokens: int = 160, temperature: float = 0.0, seed: int | None = None
+        self,
+        prompt: str,
+        max_new_tokens: int = AskConfig.max_new_tokens,
+        temperature: float = AskConfig.temperature,
+        seed: int | None = None,
     ) -> Generation:
         """The whole answer to `prompt` (see `start`)."""
         return self.start(prompt, max_new_tokens, temperature, seed).result()

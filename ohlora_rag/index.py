@@ -381,7 +381,7 @@ def _load_build(index_dir: Path, name: str) -> StoredIndex:
     _verify_files(index_dir, build, manifest)
     try:
         vectors = VectorIndex.load(build / FAISS_FILE)
-        entries = pq.read_table(build / ENTRIES_FILE)
+        entries = pq.ParquetFile(build / ENTRIES_FILE).read()  # not read_table, which imports pandas (0.25 s)
         lexical = LexicalIndex.load(build) if manifest.lexical else None
         stats = ScoreStats.load(build / STATS_FILE) if manifest.lexical else None
     except (RuntimeError, OSError, ValueError, KeyError, pa.ArrowException) as exc:

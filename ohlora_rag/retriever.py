@@ -97,9 +97,15 @@ class Retriever:
     """An index plus the encoder that built it, and the decision: a fitted model, else a cosine threshold."""
 
     def __init__(
-        self, stored: StoredIndex, encoder: Encoder, threshold: float, decision: DecisionModel | None = None
+        self,
+        stored: StoredIndex,
+        encoder: Encoder,
+        threshold: float,
+        decision: DecisionModel | None = None,
+        top_k: int = SearchConfig.top_k,
     ) -> None:
         self.stored = stored
+        self.top_k = top_k  # entries a search returns unless it asks for another number
         self.encoder = encoder
         self.threshold = threshold
         self.decision = decision if stored.lexical is not None and stored.stats is not None else None
@@ -131,14 +137,15 @@ class Retriever:
             threshold = manifest.threshold if manifest.threshold is not None else FALLBACK_THRESHOLD
             if manifest.decision is not None:
                 decision = DecisionModel.from_dict(manifest.decision, str(stored.folder / "manifest.json"))
-        return cls(stored, Encoder(ref), threshold, decision)
+        return cls(stored, Encoder(ref), threshold, decision, config.top_k)
 
-    def search(self, question: str, top_k: int = 3) -> SearchResult:
-        """Top-k entries for one question."""
+    def search(self, question: str, top_k: int | None = None) -> SearchResult:
+        """Top-k entries for one question (k: the loaded config's `top_k` unless given)."""
         return self.search_many([question], top_k)[0]
 
-    def search_many(self, questions: Sequence[str], top_k: int = 3) -> list[SearchResult]:
+    def search_many(self, questions: Sequence[str], top_k: int | None = None) -> list[SearchResult]:
         """Top-k entries for each question (one encoder batch, one Faiss call)."""
+        top_k = self.top_k if top_k is None else top_k
         cleaned = [check_question(q) for q in questions]
         start = time.perf_counter()
         vectors = self._vectors(cleaned[0]) if len(cleaned) == 1 else self.encoder.encode_queries(cleaned)  # (nq, d)

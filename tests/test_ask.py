@@ -23,8 +23,9 @@ class ScriptedGenerator:
 
     prompts_seen: list[str] = []
 
-    def __init__(self, choice: LLMChoice) -> None:
+    def __init__(self, choice: LLMChoice, dtype: str = "auto") -> None:
         self.choice = choice
+        self.dtype = dtype
         self.prompts = PromptBuilder.create(AutoTokenizer.from_pretrained(choice.base.path), choice.template)
 
     def start(self, prompt: str, max_new_tokens: int = 160, temperature: float = 0.0, seed: int | None = None) -> Reply:

@@ -15,7 +15,7 @@ def convert(gguf_file: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from ..encoder import quiet_transformers
+    from ..device import quiet_transformers
 
     quiet_transformers()
     folder, name = str(gguf_file.parent), gguf_file.name

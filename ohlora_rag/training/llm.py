@@ -15,8 +15,7 @@ from typing import Any
 
 from ..config import DEFAULT_LLM, LlmTrainConfig, Paths
 from ..data import SftRows, load_sft, load_sft_files
-from ..device import native_bf16, torch_device
-from ..encoder import quiet_transformers
+from ..device import native_bf16, quiet_transformers, torch_device
 from ..errors import OhloraError
 from ..generator import encode_prompt
 from ..models import loading, resolve, staged_folder, write_manifest

@@ -11,8 +11,8 @@ from typing import Any
 
 from ..config import DEFAULT_ENCODER, Paths, SbertTrainConfig
 from ..data import Pairs, load_pairs
-from ..device import native_bf16, torch_device
-from ..encoder import Encoder, quiet_transformers
+from ..device import native_bf16, quiet_transformers, torch_device
+from ..encoder import Encoder
 from ..errors import DataFormatError, UsageError
 from ..evaluate import RetrievalReport, evaluate_retrieval
 from ..models import ModelRef, loading, resolve, staged_folder, write_manifest

@@ -1,0 +1,135 @@
+"""Cold starts: `ohlora-rag --help`, `search` and `ask` as new processes, against a bare script doing the same work
+with transformers alone, side by side, with ratios (generation against its memory floor: `bench/llm.py`).
+
+- `search`: the bare script imports torch + transformers + tokenizers, loads the same encoder folder with
+  `AutoModel`, encodes the question (mean pooling) and takes the best of the entry vectors with numpy;
+- `ask` (40 new tokens): the same, plus `AutoModelForCausalLM.from_pretrained` of the same weights `ask` loads
+  (the merged model kept in `models/cache`, else the base) in the same dtype, and a greedy `generate`;
+
+Run after `ohlora-rag build-index` and one `ohlora-rag ask` (which makes the merged model):
+`python bench/cold_start.py [--repeat 5]` (about 3 minutes here). Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+QUESTION = "What is dropout?"
+NEW_TOKENS = 40
+
+BARE = r"""
+import json, sys, time
+start = time.perf_counter()
+import numpy as np, torch, tokenizers
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+job = json.loads(sys.argv[1])
+tok = tokenizers.Tokenizer.from_file(job["encoder"] + "/tokenizer.json")
+model = AutoModel.from_pretrained(job["encoder"]).eval()
+with torch.inference_mode():
+    e = tok.encode("query: " + job["question"])
+    hidden = model(input_ids=torch.tensor([e.ids]), attention_mask=torch.tensor([e.attention_mask])).last_hidden_state
+    q = torch.nn.functional.normalize(hidden.mean(1), dim=-1).numpy()[0]
+best = int(np.argmax(np.load(job["vectors"]) @ q))
+if job["llm"]:
+    lt = AutoTokenizer.from_pretrained(job["tokenizer"])
+    lm = AutoModelForCausalLM.from_pretrained(job["llm"], dtype=getattr(torch, job["dtype"])).eval()
+    ids = lt(job["prompt"], add_special_tokens=False, return_tensors="pt")
+    with torch.inference_mode():
+        lm.generate(**ids, max_new_tokens=job["new"], min_new_tokens=job["new"], do_sample=False,
+                    pad_token_id=lt.eos_token_id)
+print(time.perf_counter() - start, best)
+"""
+
+
+def stats(values: list[float]) -> str:
+    return f"{min(values):6.2f} {statistics.median(values):6.2f} {max(values):6.2f}"
+
+
+def wall(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+    return time.perf_counter() - start, done.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ohlora_rag.config import AskConfig, Paths
+    from ohlora_rag.engine import QueryEngine
+    from ohlora_rag.generator import merged_folder
+
+    exe = Path(sys.executable).with_name("ohlora-rag")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ohlora_rag"]
+    env = {**os.environ, "OHLORA_HOME": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}  # as the one-question commands
+
+    engine = QueryEngine.load(AskConfig(max_new_tokens=NEW_TOKENS), Paths.resolve(ROOT))
+    assert engine.retriever is not None
+    gen = engine.generator
+    choice = gen.choice  # type: ignore[attr-defined]
+    merged = merged_folder(choice)
+    llm = merged if merged is not None and (merged / "config.json").is_file() else choice.base.path
+    result = engine.retriever.search(QUESTION, 3)
+    prompt = gen.prompts.prompt(QUESTION, result.best.text if result.best else None)
+    dtype = str(gen.dtype)  # type: ignore[attr-defined]
+    with tempfile.TemporaryDirectory() as tmp:
+        import numpy as np
+
+        vectors = Path(tmp) / "vectors.npy"
+        stored = engine.retriever.stored.vectors
+        np.save(vectors, stored.vectors_at(np.arange(stored.ntotal)))
+        job = {
+            "encoder": str(engine.retriever.encoder.ref.path),
+            "vectors": str(vectors),
+            "question": QUESTION,
+            "tokenizer": str(
+                choice.adapter if choice.adapter and (choice.adapter / "tokenizer.json").exists() else choice.base.path
+            ),
+            "llm": str(llm),
+            "dtype": dtype,
+            "prompt": prompt,
+            "new": NEW_TOKENS,
+        }
+        del engine
+        bare = [sys.executable, "-c", BARE]
+        rows: dict[str, tuple[list[float], list[float]]] = {}
+        loads: list[float] = []
+        gens: list[float] = []
+        helps = [wall([*cmd, "--help"], env)[0] for _ in range(args.repeat)]
+        search_ours = [wall([*cmd, "search", QUESTION], env)[0] for _ in range(args.repeat)]
+        search_bare = [wall([*bare, json.dumps({**job, "llm": ""})], env)[0] for _ in range(args.repeat)]
+        rows["search"] = (search_ours, search_bare)
+        ask_ours = []
+        for _ in range(args.repeat):
+            seconds, out = wall([*cmd, "ask", QUESTION, "--max-new-tokens", str(NEW_TOKENS), "--json"], env)
+            timings = json.loads(out)["timings"]
+            ask_ours.append(seconds)
+            loads.append(timings["load"])
+            gens.append(timings["generate"])
+        ask_bare = [wall([*bare, json.dumps(job)], env)[0] for _ in range(args.repeat)]
+        rows["ask"] = (ask_ours, ask_bare)
+
+    print(f"cold starts, {args.repeat} new processes each, seconds (min / median / max); LLM weights {dtype}")
+    print(f"{'':<32}{'ohlora-rag':>21}{'bare transformers':>22}{'ratio':>8}")
+    print(f"{'ohlora-rag --help':<32}{stats(helps):>21}")
+    for name, (ours, plain) in rows.items():
+        ratio = statistics.median(ours) / statistics.median(plain)
+        label = f"{name} ({NEW_TOKENS} new tokens)" if name == "ask" else name
+        print(f"{label:<32}{stats(ours):>21}{stats(plain):>22}{ratio:>7.2f}x")
+    tps = [NEW_TOKENS / g for g in gens]
+    print(f"  ask: model loading {stats(loads)} s; generation {stats(tps)} tokens/s")
+
+
+if __name__ == "__main__":
+    main()
