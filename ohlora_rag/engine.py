@@ -128,6 +128,9 @@ class AnswerStream:
         self._reply.cancel()
 
     def answer(self) -> Answer:
+        """The whole answer; generated on this thread when the stream was not iterated (see `Reply.result`)."""
+        if self._answer is None:
+            self._reply.result()
         for _ in self:
             pass
         assert self._answer is not None

@@ -73,3 +73,26 @@ def test_a_failed_generation_reaches_the_consumer(generator: Generator) -> None:
     reply = generator.start("x", max_new_tokens=0)  # generate() refuses max_new_tokens=0
     with pytest.raises(ValueError):
         reply.result()
+
+
+def test_a_reply_generates_on_the_thread_that_waits_for_it(
+    generator: Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`result()` before iterating runs generation on the calling thread (a second thread slows it on few cores);
+    iterating runs it in a worker thread, so pieces stream while it generates. Same answer either way."""
+    threads: list[threading.Thread] = []
+    run = Generator.run
+
+    def recording(self: Generator, batch: list) -> int:  # type: ignore[type-arg]
+        threads.append(threading.current_thread())
+        return run(self, batch)
+
+    monkeypatch.setattr(Generator, "run", recording)
+    prompt = _prompts(generator)[0]
+    waited = generator.start(prompt, max_new_tokens=8).result()
+    assert threads[-1] is threading.current_thread()
+    reply = generator.start(prompt, max_new_tokens=8)
+    assert len(threads) == 1  # nothing runs before the reply is consumed
+    pieces = list(reply)
+    assert threads[-1] is not threading.current_thread()
+    assert "".join(pieces).strip() == waited.text.strip() and reply.result().text == waited.text
