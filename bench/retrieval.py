@@ -157,9 +157,11 @@ def bench_seed_method(paths: object, db_path: Path) -> None:
         return best
 
     def ours(question: str) -> int:
+        retriever._recent.clear()  # each call a new question: no remembered query vector
         return retriever.search(question, 1).hits[0].position
 
     def ours_hybrid(question: str) -> int:
+        hybrid._recent.clear()
         return hybrid.search(question, 1).hits[0].position
 
     seed_s = statistics.median([timed(lambda q=q: seed(q), repeat=1, warmup=0) for q in QUESTIONS[:3]])

@@ -695,7 +695,7 @@ def serve_cmd(
     """Serve the tutor: a web chat page at /, an OpenAI-compatible API at /v1 (chat completions with streaming,
     models, search), /health. Models load once; follow-up questions use the conversation; Ctrl-C or SIGTERM stops
     after the answers in flight."""
-    configure_threads("ACTIVE")  # a server owns the machine: spinning OpenMP threads serve it faster (bench/serve.py)
+    configure_threads("serve")  # a server owns the machine: briefly spinning OpenMP threads serve it faster
     from .engine import QueryEngine
     from .server import serve
 

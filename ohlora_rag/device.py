@@ -6,41 +6,48 @@ from __future__ import annotations
 import os
 import sys
 
-#: What `configure_threads` sets unless the environment already says otherwise.
-THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+#: What `configure_threads` sets for each kind of process, unless the environment already says how OpenMP waits.
+THREAD_ENV = {
+    "one-question": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "serve": {"GOMP_SPINCOUNT": "20000"},
+}
+#: Variables with which the user decides how OpenMP threads wait (then `configure_threads` sets nothing).
+_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
-def configure_threads(wait_policy: str = "PASSIVE") -> list[str]:
-    """Let idle OpenMP threads sleep instead of spin, for commands that answer one question at a time.
+def configure_threads(use: str = "one-question") -> list[str]:
+    """Set how idle OpenMP threads wait, before torch or Faiss loads OpenMP.
 
-    `serve` asks for "ACTIVE" instead: a server owns its machine, and its encoder and batcher threads hand work
-    back and forth; with spinning threads one client got 12.7 instead of 11.5 tokens/s and eight 28.3 instead of
-    23.5 (`bench/serve.py`, idle machine).
+    "one-question" (`search`, `ask`, `chat`, `evaluate-answers`, `evaluate-conversations`): they sleep at once
+    (`OMP_WAIT_POLICY=PASSIVE`). Torch's CPU wheel and Faiss each load GNU OpenMP, whose pool threads spin for a while
+    after every parallel region before they sleep. With the pool as large as the machine (the default) and another
+    process busy, every region waits for a thread the scheduler has given the busy process's core: 35 tokens
+    generated on the thread that loaded the model took 2.2-2.5x as long beside one busy process on 2 cores
+    (`bench/threads.py`); sleeping threads keep that at 1.2x.
 
-    Torch's CPU wheel and Faiss each load GNU OpenMP, whose pool threads spin for a while after every parallel
-    region before they sleep. With the pool as large as the machine (the default) and another process busy, every
-    region waits for a thread the scheduler has given the busy process's core: 35 tokens generated on the thread
-    that loaded the model took 2.2-2.5x as long beside one busy process on 2 cores (`bench/threads.py`). Generation
-    in a thread of its own (`QueryEngine.stream`/`ask`, the batcher) escapes only by accident: the extra OpenMP team
-    makes libgomp count more threads than cores, and then it spins briefly. `OMP_WAIT_POLICY=PASSIVE` removes the
-    spinning on every path. Training and batch encoding keep the default: with spinning threads they run 5-20 %
-    faster on an idle machine (and about 2x slower beside a busy process).
+    "serve": they spin briefly, then sleep (`GOMP_SPINCOUNT=20000`, tens of microseconds). A server owns its machine,
+    and a decoding step is ~200 parallel regions a few tens of microseconds apart: spinning across those gaps is
+    what makes it fast, but threads that spin *forever* (`OMP_WAIT_POLICY=ACTIVE`) took cores from the generating
+    thread, since every thread that runs torch work (the loader, the web framework's worker threads encoding
+    questions, the batcher) keeps an OpenMP team of its own. `bench/serve.py`, one client / eight: 20.7 / 71.1
+    tokens/s with the brief spin, 16.0 / 59.3 spinning forever, 14.1 / 51.4 sleeping at once.
 
-    libgomp reads the variable once, when it is loaded, so this must run before torch or Faiss is imported: the CLI
-    calls it first in `search`, `ask`, `chat`, `serve`, `evaluate-answers` and `evaluate-conversations`;
-    `QueryEngine.load` and `Generator` call it too.
+    Training and batch encoding keep the library default (5-20 % faster with spinning threads on an idle machine).
+    libgomp reads the variables once, when it is loaded: the CLI calls this first; `QueryEngine.load` and `Generator`
+    call it too.
 
     Returns:
-        The variables set here: none when the environment sets them already (the user's choice stands) or when
-        torch or Faiss is loaded (too late to take effect).
+        The variables set here: none when the environment sets one of them already (the user's choice stands) or
+        when torch or Faiss is loaded (too late to take effect).
     """
     if "torch" in sys.modules or "faiss" in sys.modules:
         return []
-    wanted = {**THREAD_ENV, "OMP_WAIT_POLICY": wait_policy}
-    applied = [name for name in wanted if name not in os.environ]
-    for name in applied:
-        os.environ[name] = wanted[name]
-    return applied
+    if any(name in os.environ for name in _WAIT_VARIABLES):
+        return []
+    wanted = THREAD_ENV[use]
+    for name, value in wanted.items():
+        os.environ[name] = value
+    return list(wanted)
 
 
 def quiet_transformers() -> None:

@@ -37,7 +37,7 @@ WATCH_TORCH_IMPORT = textwrap.dedent(
 
 
 def _env_without_policy() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    return {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
 
 
 def _probe(code: str, env: dict[str, str]) -> str:
@@ -50,14 +50,25 @@ def test_sets_passive_before_torch_and_keeps_the_users_value() -> None:
     code = "import os; from ohlora_rag.device import configure_threads; print(configure_threads(), os.environ.get('OMP_WAIT_POLICY'))"
     assert _probe(code, _env_without_policy()) == "['OMP_WAIT_POLICY'] PASSIVE"
     assert _probe(code, {**_env_without_policy(), "OMP_WAIT_POLICY": "ACTIVE"}) == "[] ACTIVE"
+    assert _probe(code, {**_env_without_policy(), "GOMP_SPINCOUNT": "0"}) == "[] None"
+
+
+def test_a_server_spins_briefly() -> None:
+    code = (
+        "import os; from ohlora_rag.device import configure_threads; "
+        "print(configure_threads('serve'), os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
+    )
+    assert _probe(code, _env_without_policy()) == "['GOMP_SPINCOUNT'] 20000 None"
+    assert _probe(code, {**_env_without_policy(), "OMP_WAIT_POLICY": "PASSIVE"}) == "[] None PASSIVE"
 
 
 def test_does_nothing_once_torch_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch  # noqa: F401
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    assert configure_threads() == []
-    assert "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert configure_threads() == [] and configure_threads("serve") == []
+    assert "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
 
 
 @pytest.mark.parametrize(("command", "policy"), [("search", "PASSIVE"), ("build-index", "<unset>")])
