@@ -12,8 +12,6 @@ and sha256; loading checks them, so a damaged build is refused, not served.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -24,9 +22,19 @@ from typing import Any
 
 import numpy as np
 
+from .artifacts import (
+    COMPACT_TIMESTAMP,
+    check_types,
+    file_record,
+    read_json_object,
+    staged_publish,
+    utc_timestamp,
+    write_json,
+    write_text,
+)
 from .errors import IndexNotFoundError, OhloraError
 from .lexical import LEXICAL_DIR, LexicalIndex
-from .locks import abandoned, publish_lock
+from .locks import abandoned
 
 FORMAT_VERSION = 1
 POINTER = "CURRENT"
@@ -76,20 +84,14 @@ class Manifest:
     """Every file of the build but the manifest: relative name -> {"size": bytes, "sha256": hex}. None in builds
     made before checksums were recorded (loaded unchecked)."""
     format_version: int = FORMAT_VERSION
-    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    created: str = field(default_factory=utc_timestamp)
 
     @classmethod
     def read(cls, path: Path) -> Manifest:
         """Read and type-check a build's manifest; anything unreadable is the one-line "damaged" error."""
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise TypeError(f"a JSON {type(data).__name__}, not an object")
-            manifest = cls(**data)
-            for name, kinds in _MANIFEST_TYPES.items():
-                value = getattr(manifest, name)
-                if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-                    raise TypeError(f"field {name!r} is {type(value).__name__}")
+            manifest = cls(**read_json_object(path))
+            check_types(manifest, _MANIFEST_TYPES)
             return manifest
         except (OSError, ValueError, TypeError) as exc:
             raise _damaged(path.parent.parent, f"{path.parent.name}/{path.name}: {_first_line(exc)}") from None
@@ -394,14 +396,6 @@ def _load_build(index_dir: Path, name: str) -> StoredIndex:
     return StoredIndex(build, vectors, entries, manifest, lexical, stats)
 
 
-def _file_record(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 24):
-            digest.update(chunk)
-    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
 def _verify_files(index_dir: Path, build: Path, manifest: Manifest) -> None:
     """Sizes of every recorded file, and the sha256 of those up to HASH_UP_TO_BYTES, against the manifest."""
     files = manifest.files
@@ -425,7 +419,7 @@ def _verify_files(index_dir: Path, build: Path, manifest: Manifest) -> None:
         path = build / name
         try:
             size = path.stat().st_size
-            matches = size > HASH_UP_TO_BYTES or _file_record(path)["sha256"] == record["sha256"]
+            matches = size > HASH_UP_TO_BYTES or file_record(path)["sha256"] == record["sha256"]
         except OSError as exc:  # also a build removed by a newer one while this reader checked it
             detail = "is missing" if isinstance(exc, FileNotFoundError) else f"is unreadable: {exc.strerror or exc}"
             raise _damaged(index_dir, f"{build.name}/{name} {detail}") from None
@@ -471,42 +465,32 @@ def write_index(
     import pyarrow.parquet as pq
 
     check_writable(index_dir)
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    build = index_dir / f"build-{stamp}-{os.getpid()}-{time.monotonic_ns() % 10**6:06d}"
-    staging = index_dir / f".staging-{build.name}"
+    build = index_dir / f"build-{utc_timestamp(COMPACT_TIMESTAMP)}-{os.getpid()}-{time.monotonic_ns() % 10**6:06d}"
+
+    def publish(staging: Path) -> None:
+        os.replace(staging, build)
+        write_text(index_dir / POINTER, build.name + "\n")  # via .CURRENT.tmp-<pid>, which _remove_stale knows
+        with contextlib.suppress(OSError):  # the new index is published; leftovers wait for the next build
+            _remove_stale(index_dir, keep=build.name)
+
+    staged = staged_publish(
+        index_dir / f".staging-{build.name}", index_dir / LOCK_FILE, f"the index at {index_dir}", publish
+    )
     try:
-        staging.mkdir()
-        vectors.save(staging / FAISS_FILE)
-        pq.write_table(entries, staging / ENTRIES_FILE)
-        names = [FAISS_FILE, ENTRIES_FILE]
-        if lexical is not None and stats is not None:
-            lexical.save(staging)
-            stats.save(staging / STATS_FILE)
-            names += [STATS_FILE, *(f"{LEXICAL_DIR}/{p.name}" for p in sorted((staging / LEXICAL_DIR).iterdir()))]
-        for name in names:
-            _fsync(staging / name)
-        written = replace(manifest, files={name: _file_record(staging / name) for name in names})
-        (staging / MANIFEST_FILE).write_text(
-            json.dumps(asdict(written), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
-        _fsync(staging / MANIFEST_FILE)
-        with publish_lock(index_dir / LOCK_FILE, f"the index at {index_dir}"):
-            os.replace(staging, build)
-            pointer_tmp = index_dir / f".{POINTER}.tmp-{os.getpid()}"
-            pointer_tmp.write_text(build.name + "\n", encoding="utf-8")
-            _fsync(pointer_tmp)
-            os.replace(pointer_tmp, index_dir / POINTER)
-            with contextlib.suppress(OSError):  # the new index is published; leftovers wait for the next build
-                _remove_stale(index_dir, keep=build.name)
+        with staged as staging:
+            staging.mkdir()
+            vectors.save(staging / FAISS_FILE)
+            pq.write_table(entries, staging / ENTRIES_FILE)
+            names = [FAISS_FILE, ENTRIES_FILE]
+            if lexical is not None and stats is not None:
+                lexical.save(staging)
+                stats.save(staging / STATS_FILE)
+                names += [STATS_FILE, *(f"{LEXICAL_DIR}/{p.name}" for p in sorted((staging / LEXICAL_DIR).iterdir()))]
+            written = replace(manifest, files={name: file_record(staging / name) for name in names})
+            write_json(staging / MANIFEST_FILE, asdict(written))
     except (OSError, RuntimeError) as exc:  # Faiss reports a failed write as RuntimeError
-        shutil.rmtree(staging, ignore_errors=True)
         raise OhloraError(f"could not write the index under {index_dir}: {exc}") from None
     return build
-
-
-def _fsync(path: Path) -> None:
-    with path.open("rb") as fh:
-        os.fsync(fh.fileno())
 
 
 def _remove_stale(index_dir: Path, keep: str) -> None:

@@ -10,21 +10,17 @@ import contextlib
 import hashlib
 import importlib.util
 import json
-import os
-import re
-import shutil
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .artifacts import MODEL_MANIFEST, ModelManifest, hash_into, sha256_file
+from .artifacts import staged_folder as staged_folder  # re-exported: generator.py and tests import it from here
 from .config import Paths
 from .errors import ModelImportError, ModelNotFoundError, OhloraError, UsageError
-from .locks import abandoned, publish_lock
 
-MANIFEST_NAME = "ohlora_model.json"
-_FORMAT_VERSION = 1
+MANIFEST_NAME = MODEL_MANIFEST
 
 # Files whose bytes define what a model computes: weights and tokenizer (and the S-BERT module configs).
 _IDENTITY_SUFFIXES = (".safetensors", ".bin", ".model", ".json", ".txt")
@@ -216,15 +212,17 @@ def ensure_builtin(builtin: Builtin, paths: Paths) -> Path:
         raise ModelNotFoundError(
             f"built-in model {builtin.alias!r}: {source} is missing — reinstall with `{builtin.pip}`"
         )
-    source_hash = _file_hash(source) if builtin.track_source else None
-    if (target / MANIFEST_NAME).exists() and (read_manifest(target) or {}).get("source_hash") == source_hash:
+    source_hash = sha256_file(source)[:16] if builtin.track_source else None
+
+    def done(out: Path) -> bool:
+        return (out / MANIFEST_NAME).exists() and (read_manifest(out) or {}).get("source_hash") == source_hash
+
+    if done(target):
         return target
     try:
         # A folder without a manifest is a leftover of an older attempt: the staged conversion replaces it. A
-        # command that converted the same model meanwhile wins: its folder may already be in use.
-        def done(out: Path) -> bool:
-            return (out / MANIFEST_NAME).exists() and (read_manifest(out) or {}).get("source_hash") == source_hash
-
+        # command that converted the same model meanwhile wins (`done` again, under the lock): its folder may
+        # already be in use.
         with staged_folder(target, keep_existing=done) as staging:
             extras = builtin.convert(source, staging, paths) or {}
             write_manifest(
@@ -240,15 +238,6 @@ def ensure_builtin(builtin: Builtin, paths: Paths) -> Path:
     except Exception as exc:
         raise ModelImportError(f"converting built-in model {builtin.alias!r} from {source} failed: {exc}") from exc
     return target
-
-
-def _file_hash(path: Path) -> str:
-    """sha256 of a file's bytes (first 16 hex digits)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 def _identity_files(folder: Path) -> list[Path]:
@@ -273,44 +262,33 @@ def fingerprint(folder: Path) -> str:
     """
     files = _identity_files(folder)
     stats = _stat_key(folder, files)
-    manifest = read_manifest(folder)
-    if manifest and manifest.get("fingerprint_stats") == stats and manifest.get("fingerprint"):
-        return str(manifest["fingerprint"])
+    manifest = ModelManifest.read(folder)
+    if manifest and manifest.fingerprint_stats == stats and manifest.fingerprint:
+        return manifest.fingerprint
     digest = hashlib.sha256()
     for path in files:
         digest.update(str(path.relative_to(folder)).encode() + b"\0")
-        with path.open("rb") as fh:
-            while chunk := fh.read(1 << 24):
-                digest.update(chunk)
+        hash_into(digest, path)
     value = digest.hexdigest()[:16]
     if manifest is not None:
-        manifest.update(fingerprint=value, fingerprint_stats=stats)
         with contextlib.suppress(OSError):  # a read-only model folder just goes without the cache
-            _write_json(folder / MANIFEST_NAME, manifest)
+            manifest.updated(fingerprint=value, fingerprint_stats=stats).write(folder)
     return value
 
 
 def read_manifest(folder: Path) -> dict[str, object] | None:
-    path = folder / MANIFEST_NAME
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    """`ohlora_model.json` as a plain dict (`ModelManifest.read` for the typed form); None when there is none or it
+    is unreadable."""
+    manifest = ModelManifest.read(folder)
+    return manifest.to_dict() if manifest else None
 
 
 def write_manifest(folder: Path, **fields: object) -> dict[str, object]:
     """Write `ohlora_model.json`: format version, what made the folder, when, and its fingerprint."""
-    manifest: dict[str, object] = {
-        "format_version": _FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    manifest.update(fields)
-    _write_json(folder / MANIFEST_NAME, manifest)
+    manifest = ModelManifest.new(**fields)
+    manifest.write(folder)
     fingerprint(folder)  # computes and caches it in the manifest just written
-    return read_manifest(folder) or manifest
+    return read_manifest(folder) or manifest.to_dict()
 
 
 def trained_encoder_manifest(folder: Path) -> dict[str, object]:
@@ -329,23 +307,11 @@ def store_threshold(folder: Path, threshold: float, calibrated_on: str) -> None:
 
     The folder's files are untouched, so its fingerprint (and every index built with it) stays valid.
     """
-    manifest = trained_encoder_manifest(folder)
-    manifest.update(threshold=threshold, threshold_calibrated_on=calibrated_on)
+    manifest = ModelManifest.from_dict(trained_encoder_manifest(folder))
     try:
-        _write_json(folder / MANIFEST_NAME, manifest)
+        manifest.updated(threshold=threshold, threshold_calibrated_on=calibrated_on).write(folder)
     except OSError as exc:
         raise OhloraError(f"--save-threshold: could not write {folder / MANIFEST_NAME}: {exc}") from None
-
-
-def _write_json(path: Path, data: dict[str, object]) -> None:
-    """Replace `path` atomically: a temporary file beside it, then `os.replace`; raises OSError on failure."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def choose_encoder(reference: str | None, paths: Paths) -> ModelRef:
@@ -358,39 +324,3 @@ def choose_encoder(reference: str | None, paths: Paths) -> ModelRef:
     if (paths.sbert_dir / "modules.json").is_file():
         return ModelRef(str(paths.sbert_dir), paths.sbert_dir)
     return resolve(DEFAULT_TUTOR_ENCODER, "encoder", paths)
-
-
-@contextmanager
-def staged_folder(out: Path, keep_existing: Callable[[Path], bool] | None = None) -> Iterator[Path]:
-    """A fresh sibling folder to write a model into; it replaces `out` only when the block completes.
-
-    A failed or killed write leaves the previous `out` (or none) in place, never a mix of old and new files. The
-    swap holds the lock file `.<name>.lock` beside `out`, so two commands writing the same folder take turns; it
-    also removes staging folders of writers that are gone.
-
-    Args:
-        out: the folder to (re)place.
-        keep_existing: evaluated under the lock; when it returns True for `out`, the new folder is dropped and
-            `out` stays as it is (another command finished the same work first).
-    """
-    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        yield staging
-        with publish_lock(out.parent / f".{out.name}.lock", f"the model folder {out}"):
-            if keep_existing is not None and keep_existing(out):
-                return
-            if out.exists():
-                old = out.parent / f".{out.name}.old-{os.getpid()}"
-                os.replace(out, old)
-                os.replace(staging, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staging, out)
-            leftover = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-\d+")
-            for child in out.parent.iterdir():
-                if leftover.fullmatch(child.name) and child.is_dir() and not child.is_symlink() and abandoned(child):
-                    shutil.rmtree(child, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

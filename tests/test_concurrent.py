@@ -27,13 +27,13 @@ from ohlora_rag.models import staged_folder
 SLOW_WRITES = textwrap.dedent(
     """
     import runpy, sys, time
-    import ohlora_rag.index as index_module
+    import ohlora_rag.artifacts as artifacts
 
-    real_fsync = index_module._fsync
+    real_fsync = artifacts.fsync
     def slow_fsync(path):
         real_fsync(path)
         time.sleep(0.15)
-    index_module._fsync = slow_fsync
+    artifacts.fsync = slow_fsync
     sys.argv = ["ohlora-rag", *sys.argv[1:]]
     runpy.run_module("ohlora_rag", run_name="__main__", alter_sys=True)
     """
@@ -156,7 +156,7 @@ def test_reader_whose_build_is_removed_while_it_checks_the_files(
     current = active_build(paths.index_dir).name
     shutil.copytree(tmp_path / "stale", stale)  # still there when the reader starts on it
     answers = iter([stale.name])
-    real_read, real_record = index_module._read_pointer, index_module._file_record
+    real_read, real_record = index_module._read_pointer, index_module.file_record
 
     def racing_read(index_dir: Path) -> str:
         return next(answers, None) or real_read(index_dir)
@@ -166,7 +166,7 @@ def test_reader_whose_build_is_removed_while_it_checks_the_files(
         return real_record(path)
 
     monkeypatch.setattr(index_module, "_read_pointer", racing_read)
-    monkeypatch.setattr(index_module, "_file_record", record_after_cleanup)
+    monkeypatch.setattr(index_module, "file_record", record_after_cleanup)
     assert load_index(paths.index_dir).folder.name == current
 
 

@@ -120,16 +120,16 @@ def test_killed_build_leaves_old_index_loadable(home: Path, tmp_path: Path) -> N
         f"""
         import time
         from pathlib import Path
-        import ohlora_rag.index as index_module
+        import ohlora_rag.artifacts as artifacts
         from ohlora_rag.config import IndexConfig, Paths
         from ohlora_rag.indexing import build_index
 
-        real_fsync = index_module._fsync
+        real_fsync = artifacts.fsync
         def slow_fsync(path):
             real_fsync(path)
             Path({str(marker)!r}).write_text(str(path))
             time.sleep(60)  # killed here, with a half-written build on disk
-        index_module._fsync = slow_fsync
+        artifacts.fsync = slow_fsync
         build_index(IndexConfig(progress=False), Paths.resolve())
         """
     )

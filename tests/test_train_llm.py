@@ -59,6 +59,14 @@ def test_resume_continues_from_checkpoint(tmp_path: Path, tiny_lm: Path) -> None
     assert again.steps == 2  # only the second epoch ran
 
 
+def test_resumed_run_throughput_counts_only_its_own_epoch(tmp_path: Path, tiny_lm: Path) -> None:
+    """4 rows in batches of 3: 2 steps (6 row slots) an epoch; the resumed run saw the 4 rows once, not 6."""
+    train_llm(_config(tmp_path, tiny_lm, batch_size=3), Paths(tmp_path))
+    again = train_llm(_config(tmp_path, tiny_lm, batch_size=3, epochs=2, resume=True), Paths(tmp_path))
+    assert again.steps == 2
+    assert again.tokens_per_second == pytest.approx(again.tokens / again.seconds)
+
+
 def _tokenized(tmp_path: Path, tiny_lm: Path, template: str = "chat"):  # noqa: ANN202
     from datasets import Dataset
     from transformers import AutoTokenizer

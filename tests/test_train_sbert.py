@@ -89,6 +89,7 @@ def test_resume(tmp_path: Path, tiny_sbert: Path) -> None:
     assert any((tmp_path / "sbert.checkpoints").glob("checkpoint-*"))
     again = train_sbert(SbertTrainConfig(epochs=2, resume=True, **kw), Paths(tmp_path))  # type: ignore[arg-type]
     assert again.steps == 2  # the second epoch only
+    assert again.pairs_per_second == pytest.approx(again.train_pairs / again.seconds)  # one epoch of pairs
 
 
 def test_resume_without_checkpoint_is_refused(tmp_path: Path, tiny_sbert: Path) -> None:

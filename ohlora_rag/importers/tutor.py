@@ -16,6 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
+from ..artifacts import MODEL_MANIFEST, write_json
 from ..errors import ModelImportError, UsageError
 
 TUTOR_DIR = Path(__file__).resolve().parents[1] / "tutor"
@@ -39,7 +40,7 @@ def convert_encoder(top_file: Path, out_dir: Path, base_dir: Path) -> dict[str, 
     """
     from safetensors.torch import load_file, save_file
 
-    shutil.copytree(base_dir, out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("ohlora_model.json"))
+    shutil.copytree(base_dir, out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MODEL_MANIFEST))
     weights = load_file(str(base_dir / "model.safetensors"))
     top = load_file(str(top_file))
     unknown = sorted(set(top) - set(weights))
@@ -78,10 +79,7 @@ def export_encoder(encoder_dir: Path, base_encoder_dir: Path, out: Path = TUTOR_
     settings = {n: json.loads((encoder_dir / n).read_text(encoding="utf-8")) for n in _SETTINGS}
     keep = ("base", "data", "data_hash", "seed", "threshold", "config", "metrics")
     record = {"made_by": "ohlora-rag train-sbert", **{k: manifest.get(k) for k in keep}}
-    (out / ENCODER_MANIFEST).write_text(
-        json.dumps({**record, "tensors": sorted(changed), "settings": settings}, indent=2, ensure_ascii=False) + "\n",
-        encoding="utf-8",
-    )
+    write_json(out / ENCODER_MANIFEST, {**record, "tensors": sorted(changed), "settings": settings})
 
 
 def export_adapter(adapter_dir: Path, out: Path = TUTOR_DIR) -> None:
@@ -103,7 +101,7 @@ def export_adapter(adapter_dir: Path, out: Path = TUTOR_DIR) -> None:
     shutil.copy2(adapter_dir / "adapter_config.json", target / "adapter_config.json")
     keep = ("base", "template", "data", "data_hash", "seed", "rows", "train_loss", "eval_loss", "config")
     record = {"kind": "llm-adapter", "made_by": "ohlora-rag train-llm", **{k: manifest.get(k) for k in keep}}
-    (target / "ohlora_model.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(target / MODEL_MANIFEST, record)
 
 
 def export(encoder_dir: Path, adapter_dir: Path, base_encoder_dir: Path, out: Path = TUTOR_DIR) -> dict[str, int]:

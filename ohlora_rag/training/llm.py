@@ -7,20 +7,17 @@ starts with exactly the prompt tokens that `ask` will build.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..config import DEFAULT_LLM, LlmTrainConfig, Paths
 from ..data import SftRows, load_sft, load_sft_files
-from ..device import native_bf16, quiet_transformers, torch_device
 from ..errors import OhloraError
 from ..generator import encode_prompt
-from ..models import loading, resolve, staged_folder, write_manifest
+from ..models import loading, resolve
 from ..prompt import PromptBuilder
-from .common import config_record, quiet_trainer, resume_checkpoint, warmup
+from .run import TrainingRun
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -97,11 +94,14 @@ def preflight(
 
 
 def train_llm(config: LlmTrainConfig, paths: Paths | None = None) -> LlmTrainReport:
-    """LoRA-tune the LLM; save the adapter (+ tokenizer, manifest; `--merge`: the merged model) atomically."""
+    """LoRA-tune the LLM; save the adapter (+ tokenizer, manifest; `--merge`: the merged model) atomically.
+
+    Checkpoints for `--resume` live in `<out>.checkpoints/` and are kept after a successful run.
+    """
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     paths = paths or Paths.resolve()
@@ -109,15 +109,8 @@ def train_llm(config: LlmTrainConfig, paths: Paths | None = None) -> LlmTrainRep
     rows = load_sft_files(config.data, split="train")
     valid = load_sft(config.valid, split=None) if config.valid else None
     base = resolve(config.base_llm or DEFAULT_LLM, "llm", paths)
-    checkpoints = out.parent / f"{out.name}.checkpoints"
-    resume_from = resume_checkpoint(checkpoints) if config.resume else None
+    run = TrainingRun.start(config, out, base, "--base-llm")
 
-    quiet_transformers()
-    if not config.progress:
-        import datasets
-
-        datasets.disable_progress_bars()
-    set_seed(config.seed)
     with loading(base, "LLM"):
         tokenizer = AutoTokenizer.from_pretrained(base.path, local_files_only=True)
     if tokenizer.pad_token is None:
@@ -134,35 +127,16 @@ def train_llm(config: LlmTrainConfig, paths: Paths | None = None) -> LlmTrainRep
         bias="none",
     )
     args = SFTConfig(
-        output_dir=str(checkpoints),
-        num_train_epochs=config.epochs,
-        per_device_train_batch_size=config.batch_size,
+        **run.trainer_args(warmup_ratio=0.05),
         per_device_eval_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
         lr_scheduler_type="linear",
-        **warmup(0.05),
-        seed=config.seed,
-        data_seed=config.seed,
-        save_strategy="epoch",
-        save_total_limit=1,
         eval_strategy="epoch" if valid else "no",
-        logging_strategy="epoch",
-        report_to="none",
         completion_only_loss=True,
         max_length=None,
         padding_free=False,
-        disable_tqdm=not config.progress,
-        bf16=native_bf16() if config.bf16 is None else config.bf16,
-        use_cpu=torch_device() == "cpu",
         dataset_num_proc=None,
         eos_token=tokenizer.eos_token,
     )
-    steps = {"n": 0}
-
-    class _Count(TrainerCallback):  # type: ignore[misc]
-        def on_step_end(self, *_: Any, **__: Any) -> None:
-            steps["n"] += 1
-
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -170,34 +144,25 @@ def train_llm(config: LlmTrainConfig, paths: Paths | None = None) -> LlmTrainRep
         eval_dataset=Dataset.from_dict(examples(valid, builder)) if valid else None,
         processing_class=tokenizer,
         peft_config=lora,
-        callbacks=[_Count()],
+        callbacks=run.callbacks(),
     )
-    if not config.progress:
-        quiet_trainer(trainer)
     loss_tokens = preflight(list(trainer.train_dataset), rows, builder, config.max_length)
     if valid:
         preflight(list(trainer.eval_dataset), valid, builder, config.max_length)
     tokens = sum(len(x["input_ids"]) for x in trainer.train_dataset)
 
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    seconds = time.perf_counter() - start
+    run.train(trainer)
     history = trainer.state.log_history
     train_loss = next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None)
     eval_loss = next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None)
 
-    with staged_folder(out) as staging:
+    with run.publish(kind="llm-adapter", keep_checkpoints=True) as (staging, manifest):
         trainer.model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
         if config.merge:
             trainer.model.merge_and_unload().save_pretrained(str(staging / "merged"))
             tokenizer.save_pretrained(str(staging / "merged"))
-        write_manifest(
-            staging,
-            kind="llm-adapter",
-            reference=str(out),
-            base=base.reference,
-            base_fingerprint=base.fingerprint,
+        manifest.update(
             template=builder.template,
             data=str(rows.path),
             data_hash=rows.content_hash,
@@ -206,8 +171,6 @@ def train_llm(config: LlmTrainConfig, paths: Paths | None = None) -> LlmTrainRep
             loss_tokens=loss_tokens,
             train_loss=train_loss,
             eval_loss=eval_loss,
-            config=config_record(config),
         )
-    processed = min(steps["n"] * config.batch_size, len(rows) * config.epochs)
-    tokens_per_second = tokens * processed / len(rows) / seconds if seconds else float("nan")
-    return LlmTrainReport(out, steps["n"], len(rows), tokens, seconds, tokens_per_second, train_loss, eval_loss)
+    tokens_per_second = run.per_second(tokens)  # tokens: one pass over the training rows
+    return LlmTrainReport(out, run.steps, len(rows), tokens, run.seconds, tokens_per_second, train_loss, eval_loss)

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import random
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import DEFAULT_ENCODER, Paths, SbertTrainConfig
 from ..data import Pairs, load_pairs
-from ..device import native_bf16, quiet_transformers, torch_device
+from ..device import torch_device
 from ..encoder import Encoder
 from ..errors import DataFormatError, UsageError
 from ..evaluate import RetrievalReport, evaluate_retrieval
-from ..models import ModelRef, loading, resolve, staged_folder, write_manifest
-from .common import config_record, quiet_model_card, quiet_trainer, resume_checkpoint, warmup
+from ..models import ModelRef, loading, resolve
+from .common import quiet_model_card
+from .run import TrainingRun
 
 
 @dataclass
@@ -113,13 +112,11 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
     Returns:
         Throughput, sizes and the validation report (pair metrics, ranking, calibrated threshold).
     """
-    import torch
     from sentence_transformers import (
         SentenceTransformer,
         SentenceTransformerTrainer,
         SentenceTransformerTrainingArguments,
     )
-    from transformers import TrainerCallback, set_seed
 
     paths = paths or Paths.resolve()
     out = Path(config.out) if config.out else paths.sbert_dir
@@ -131,13 +128,8 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
     if config.loss == "mnrl" and not any(s >= 1.0 for s in train.scores):
         raise DataFormatError(f"{config.data}: --loss mnrl needs pairs with similarity_score 1.0")
     base = resolve(config.base or DEFAULT_ENCODER, "encoder", paths)
-    if base.path.resolve() == out.resolve():
-        raise UsageError(f"--base {base.reference} is the output folder — train from another model or pass --out")
-    checkpoints = out.parent / f"{out.name}.checkpoints"
-    resume_from = resume_checkpoint(checkpoints) if config.resume else None
+    run = TrainingRun.start(config, out, base, "--base")
 
-    quiet_transformers()
-    set_seed(config.seed)
     with loading(base, "encoder"):
         model = SentenceTransformer(str(base.path), device=torch_device(), local_files_only=True)
     model.max_seq_length = config.max_seq_length
@@ -147,78 +139,40 @@ def train_sbert(config: SbertTrainConfig, paths: Paths | None = None) -> SbertTr
         quiet_model_card(model)
 
     args = SentenceTransformerTrainingArguments(
-        output_dir=str(checkpoints),
-        num_train_epochs=config.epochs,
-        per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        **warmup(config.warmup_ratio),
-        seed=config.seed,
-        data_seed=config.seed,
-        save_strategy="epoch",
-        save_total_limit=1,
+        **run.trainer_args(warmup_ratio=config.warmup_ratio),
         eval_strategy="no",  # validation runs once, on the saved model, with the full retrieval metrics
-        logging_strategy="epoch",
-        report_to="none",
         prompts=_prompts(model, config.loss),
-        disable_tqdm=not config.progress,
         **_sampler(config.loss),
         dataloader_drop_last=False,
-        use_cpu=not torch.cuda.is_available(),
-        bf16=native_bf16() if config.bf16 is None else config.bf16,
     )
-    steps_done: dict[str, float] = {"n": 0}
-
-    class _Count(TrainerCallback):  # type: ignore[misc]
-        def on_step_begin(self, _args: Any, state: Any, *_: Any, **__: Any) -> None:
-            steps_done.setdefault("from_epoch", state.epoch or 0.0)
-
-        def on_step_end(self, *_: Any, **__: Any) -> None:
-            steps_done["n"] += 1
-
     trainer = SentenceTransformerTrainer(
         model=model,
         args=args,
         train_dataset=train_data,
         loss=loss,
-        callbacks=[_Count()],
+        callbacks=run.callbacks(),
     )
-    if not config.progress:
-        quiet_trainer(trainer)
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    seconds = time.perf_counter() - start
+    run.train(trainer)
     rows = len(train_data)
-
-    with staged_folder(out) as staging:
+    with run.publish(kind="encoder", keep_checkpoints=config.keep_checkpoints) as (staging, manifest):
         model.save(str(staging))
         report = evaluate_retrieval(
             Encoder(ModelRef(str(out), staging)), valid, sorted(set(pairs.entries) | set(valid.entries))
         )
-        threshold = report.calibration.threshold if report.calibration else None
-        write_manifest(
-            staging,
-            kind="encoder",
-            reference=str(out),
-            base=base.reference,
-            base_fingerprint=base.fingerprint,
+        manifest.update(
             data=str(config.data),
             data_hash=pairs.content_hash,
             valid=str(config.valid) if config.valid else None,
             seed=config.seed,
-            threshold=threshold,
+            threshold=report.calibration.threshold if report.calibration else None,
             metrics=report.to_dict(),
-            config=config_record(config),
         )
-    if not config.keep_checkpoints:
-        shutil.rmtree(checkpoints, ignore_errors=True)  # the model is saved; only --resume of this run needed them
-    epochs_run = trainer.state.epoch - steps_done.get("from_epoch", trainer.state.epoch)
-    processed = rows * epochs_run  # pairs seen in this run (a resumed run counts only its own part)
     return SbertTrainReport(
         out=out,
-        steps=int(steps_done["n"]),
+        steps=run.steps,
         train_pairs=rows,
         valid_pairs=len(valid),
-        seconds=seconds,
-        pairs_per_second=processed / seconds if seconds else float("nan"),
+        seconds=run.seconds,
+        pairs_per_second=run.per_second(rows),  # pairs seen in this run (a resumed run counts only its own part)
         report=report,
     )
