@@ -56,7 +56,7 @@ class Reader(threading.Thread):
 
     def run(self) -> None:
         from ohlora_rag.errors import IndexNotFoundError
-        from ohlora_rag.index import load_index
+        from ohlora_rag.store import load_index
 
         while not self.stop.is_set():
             try:
@@ -80,7 +80,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from ohlora_rag.index import POINTER
+    from ohlora_rag.store import POINTER
 
     home = make_home(args.entries)
     index_dir = home / "index"

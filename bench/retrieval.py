@@ -67,10 +67,10 @@ def row(cells: list[str], widths: list[int]) -> str:
 def bench_encode(paths: object, dbs: list[Path]) -> None:
     from sentence_transformers import SentenceTransformer
 
+    from ohlora_rag.build import build_index
     from ohlora_rag.config import IndexConfig
     from ohlora_rag.data import load_concepts
     from ohlora_rag.device import quiet_transformers
-    from ohlora_rag.indexing import build_index
     from ohlora_rag.models import choose_encoder
 
     quiet_transformers()
@@ -131,8 +131,8 @@ def bench_encode(paths: object, dbs: list[Path]) -> None:
 
 
 def bench_seed_method(paths: object, db_path: Path) -> None:
+    from ohlora_rag.build import build_index
     from ohlora_rag.config import IndexConfig, SearchConfig
-    from ohlora_rag.indexing import build_index
     from ohlora_rag.retriever import Retriever
 
     calibration = ROOT / "data" / "trust_calib.csv" if db_path.name == "concepts.csv" else SEED_PAIRS
@@ -193,7 +193,7 @@ def read_floor(x: np.ndarray) -> tuple[float, str]:
 def bench_search(sizes: list[int], d: int = 384, k: int = 5) -> None:
     import faiss
 
-    from ohlora_rag.index import VectorIndex
+    from ohlora_rag.store import VectorIndex
 
     print(f"\n(c) exact search, random unit vectors, d={d}, k={k}, faiss {faiss.__version__}, {os.cpu_count()} cores")
     widths = [10, 4, 10, 10, 10, 10, 12, 12]
@@ -235,9 +235,9 @@ def bench_search(sizes: list[int], d: int = 384, k: int = 5) -> None:
 def bench_hybrid(n: int, d: int = 384, nq: int = 20) -> None:
     """The decision path at n rows: random unit vectors, texts of 12 words drawn from a 50 k-word vocabulary."""
     from ohlora_rag.decision import FEATURES, DecisionModel
-    from ohlora_rag.index import ScoreStats, StoredIndex, VectorIndex
     from ohlora_rag.lexical import LexicalIndex
     from ohlora_rag.retriever import Retriever
+    from ohlora_rag.store import ScoreStats, StoredIndex, VectorIndex
 
     rng = np.random.default_rng(1)
     x = rng.standard_normal((n, d), dtype=np.float32)

@@ -125,9 +125,9 @@ def held_out_sets(path: Path, paraphrase_files: list[Path], folder: Path) -> dic
 def hybrid_recall(encoder: object, concepts: object, train: Path, held: dict[str, Path]) -> dict[str, float]:
     """Whole-DB Recall@1 of the entry decision's ranking (dense + BM25 + names), its model fitted on the training
     questions: per held-out set, the share of questions whose best-scored entry is their 1.0 entry."""
+    from ohlora_rag.build import fit_on, in_memory_index
     from ohlora_rag.data import load_labelled_questions
     from ohlora_rag.decision import decide
-    from ohlora_rag.indexing import fit_on, in_memory_index
     from ohlora_rag.retriever import Retriever
 
     stored = in_memory_index(concepts, encoder, 64, False)  # type: ignore[arg-type]

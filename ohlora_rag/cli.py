@@ -144,7 +144,7 @@ def build_index_cmd(
     quiet: Annotated[bool, option(IndexConfig, "progress")] = False,
 ) -> None:
     """Encode the concept DB and publish an exact inner-product Faiss index (+ BM25) under index/."""
-    from .indexing import build_index
+    from .build import build_index
 
     if calibration is not None and no_calibrate:
         raise UsageError("--calibrate and --no-calibrate: give one of them")

@@ -186,7 +186,7 @@ def evaluate_retrieval(
     without a 1.0 entry and, for each answerable question, its best score once the entries labelled >= 0.5 for it
     are removed from the DB (what the question would see if the DB lacked anything close to an answer).
     """
-    from .index import VectorIndex
+    from .store import VectorIndex
 
     questions = sorted(set(pairs.questions))
     q_row = {q: i for i, q in enumerate(questions)}
@@ -334,9 +334,9 @@ def compare_trust(
 
     Nothing on disk changes: each encoder's index is built in memory.
     """
+    from .build import in_memory_index
     from .config import FALLBACK_THRESHOLD, Paths
     from .data import load_concepts, load_labelled_questions
-    from .indexing import in_memory_index
     from .retriever import Retriever
 
     paths = paths or Paths.resolve()

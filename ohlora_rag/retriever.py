@@ -18,9 +18,9 @@ from .config import FALLBACK_THRESHOLD, Paths, SearchConfig
 from .decision import CANDIDATES, DecisionModel, Signals
 from .encoder import Encoder
 from .errors import IndexMismatchError, OhloraError, UsageError
-from .index import StoredIndex, load_index
 from .lexical import entry_names, tokenize
 from .models import choose_encoder
+from .store import StoredIndex, load_index
 
 
 @dataclass

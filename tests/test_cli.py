@@ -185,7 +185,7 @@ def test_question_that_is_not_utf8_is_one_line(home: Path) -> None:
 
 
 def test_read_only_index_fails_before_encoding(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ohlora_rag.indexing as indexing
+    import ohlora_rag.build as build
     from tests.conftest import read_only
 
     assert invoke("build-index", "-q").exit_code == 0
@@ -194,7 +194,7 @@ def test_read_only_index_fails_before_encoding(home: Path, monkeypatch: pytest.M
     def no_encoding(*_: object, **__: object) -> None:
         raise AssertionError("the encoder was loaded before the index folder was checked")
 
-    monkeypatch.setattr(indexing, "Encoder", no_encoding)
+    monkeypatch.setattr(build, "Encoder", no_encoding)
     with read_only(home / "index"):
         result = invoke("build-index", "-q")
     _one_line_error(result, 1, f"cannot write into the index folder {home / 'index'} (")

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from ohlora_rag.build import build_index
 from ohlora_rag.cli import app
 from ohlora_rag.config import IndexConfig, Paths
-from ohlora_rag.index import POINTER, active_build, load_index
-from ohlora_rag.indexing import build_index
 from ohlora_rag.locks import publish_lock
 from ohlora_rag.models import staged_folder
+from ohlora_rag.store import POINTER, active_build, load_index
 
 # The real CLI with every fsync of the index files slowed down, so that two builds started together are still
 # writing and publishing at the same time (with the tiny encoder they would otherwise rarely overlap).
@@ -100,7 +100,7 @@ def test_cleanup_spares_a_live_writer_and_newer_builds(home: Path) -> None:
 
 
 def test_reader_rereads_current_when_its_build_was_removed(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ohlora_rag.index as index_module
+    import ohlora_rag.store as store
 
     paths = Paths.resolve()
     build_index(IndexConfig(progress=False), paths)
@@ -108,20 +108,20 @@ def test_reader_rereads_current_when_its_build_was_removed(home: Path, monkeypat
     build_index(IndexConfig(progress=False), paths)  # publishes a new build and removes `stale`
     current = active_build(paths.index_dir).name
     assert stale != current and not (paths.index_dir / stale).exists()
-    real = index_module._read_pointer
+    real = store._read_pointer
     answers = iter([stale])  # the first read happened just before the other build published
 
     def racing_read(index_dir: Path) -> str:
         return next(answers, None) or real(index_dir)
 
-    monkeypatch.setattr(index_module, "_read_pointer", racing_read)
+    monkeypatch.setattr(store, "_read_pointer", racing_read)
     assert load_index(paths.index_dir).folder.name == current
 
 
 def test_reader_follows_current_through_two_quick_publishes(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two builds that finish together publish one right after the other: a reader may find the build it read in
     `CURRENT` removed, and the next one too."""
-    import ohlora_rag.index as index_module
+    import ohlora_rag.store as store
 
     paths = Paths.resolve()
     names = []
@@ -129,13 +129,13 @@ def test_reader_follows_current_through_two_quick_publishes(home: Path, monkeypa
         build_index(IndexConfig(progress=False), paths)
         names.append(active_build(paths.index_dir).name)
     assert not (paths.index_dir / names[0]).exists() and not (paths.index_dir / names[1]).exists()
-    real = index_module._read_pointer
+    real = store._read_pointer
     answers = iter(names[:2])  # read just before each of the two later publishes
 
     def racing_read(index_dir: Path) -> str:
         return next(answers, None) or real(index_dir)
 
-    monkeypatch.setattr(index_module, "_read_pointer", racing_read)
+    monkeypatch.setattr(store, "_read_pointer", racing_read)
     assert load_index(paths.index_dir).folder.name == names[2]
 
 
@@ -146,7 +146,7 @@ def test_reader_whose_build_is_removed_while_it_checks_the_files(
     build (it got a raw FileNotFoundError — a traceback in `search` — before)."""
     import shutil
 
-    import ohlora_rag.index as index_module
+    import ohlora_rag.store as store
 
     paths = Paths.resolve()
     build_index(IndexConfig(progress=False), paths)
@@ -156,7 +156,7 @@ def test_reader_whose_build_is_removed_while_it_checks_the_files(
     current = active_build(paths.index_dir).name
     shutil.copytree(tmp_path / "stale", stale)  # still there when the reader starts on it
     answers = iter([stale.name])
-    real_read, real_record = index_module._read_pointer, index_module.file_record
+    real_read, real_record = store._read_pointer, store.file_record
 
     def racing_read(index_dir: Path) -> str:
         return next(answers, None) or real_read(index_dir)
@@ -165,8 +165,8 @@ def test_reader_whose_build_is_removed_while_it_checks_the_files(
         shutil.rmtree(stale, ignore_errors=True)  # the newer build's cleanup, right now
         return real_record(path)
 
-    monkeypatch.setattr(index_module, "_read_pointer", racing_read)
-    monkeypatch.setattr(index_module, "file_record", record_after_cleanup)
+    monkeypatch.setattr(store, "_read_pointer", racing_read)
+    monkeypatch.setattr(store, "file_record", record_after_cleanup)
     assert load_index(paths.index_dir).folder.name == current
 
 

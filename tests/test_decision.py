@@ -15,8 +15,8 @@ from ohlora_rag.cli import app
 from ohlora_rag.data import load_labelled_questions
 from ohlora_rag.decision import FEATURES, DecisionModel, Signals, fit_decision, outcomes
 from ohlora_rag.errors import DataFormatError
-from ohlora_rag.index import ScoreStats
 from ohlora_rag.lexical import LexicalIndex, entry_names, tokenize
+from ohlora_rag.store import ScoreStats
 
 runner = CliRunner()
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from ohlora_rag.build import build_index
 from ohlora_rag.config import IndexConfig, Paths
 from ohlora_rag.device import configure_threads
-from ohlora_rag.indexing import build_index
 
 # Runs the CLI and writes OMP_WAIT_POLICY as it is at the moment torch starts loading (libgomp reads it then).
 WATCH_TORCH_IMPORT = textwrap.dedent(

@@ -68,8 +68,8 @@ def test_other_shapes_load_through_sentence_transformers(tiny_sbert: Path) -> No
 def test_search_path_imports_no_training_libraries(home: Path) -> None:
     """`search` loads the encoder without sentence-transformers (and its scikit-learn, datasets, peft), trl or
     pandas: they cost seconds of every cold start."""
+    from ohlora_rag.build import build_index
     from ohlora_rag.config import IndexConfig, Paths
-    from ohlora_rag.indexing import build_index
 
     build_index(IndexConfig(db=home / "data" / "concepts.csv", progress=False), Paths.resolve())
     code = (

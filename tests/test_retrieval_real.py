@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from ohlora_rag.build import build_index
 from ohlora_rag.config import IndexConfig, Paths, SearchConfig
-from ohlora_rag.indexing import build_index
 from ohlora_rag.retriever import Retriever
 from tests.conftest import SHARED_DATA
 

@@ -26,8 +26,8 @@ from typing import Any
 import httpx
 import pytest
 
+from ohlora_rag.build import build_index
 from ohlora_rag.config import IndexConfig, Paths
-from ohlora_rag.indexing import build_index
 
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[1]

@@ -72,7 +72,7 @@ def _training_data(pairs: Pairs, config: SbertTrainConfig, model: Any) -> tuple[
 
     graded = Dataset.from_dict({"sentence1": pairs.questions, "sentence2": pairs.entries, "score": pairs.scores})
     if config.loss == "hybrid":
-        from .grouped import GroupedHybridLoss
+        from .hybrid_loss import GroupedHybridLoss
 
         return graded, GroupedHybridLoss(model, ranking_weight=config.ranking_weight)
     if config.loss == "cosine":
@@ -88,7 +88,7 @@ def _sampler(loss: str) -> dict[str, Any]:
     """Batches of whole questions for `hybrid`, the trainer's shuffled batches otherwise."""
     if loss != "hybrid":
         return {}
-    from .grouped import QuestionBatchSampler
+    from .hybrid_loss import QuestionBatchSampler
 
     return {"batch_sampler": QuestionBatchSampler}
 

@@ -40,7 +40,7 @@ def _pairs() -> tuple[list[str], list[str], torch.Tensor]:
 def test_pair_term_equals_cosine_similarity_loss_with_fewer_encodes(model) -> None:  # noqa: ANN001
     from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss
 
-    from ohlora_rag.training.grouped import GroupedHybridLoss
+    from ohlora_rag.training.hybrid_loss import GroupedHybridLoss
 
     questions, entries, labels = _pairs()
     model.eval()  # no dropout: both losses must see the same embeddings
@@ -62,7 +62,7 @@ def test_pair_term_equals_cosine_similarity_loss_with_fewer_encodes(model) -> No
 
 
 def test_ranking_term_matches_hand_computed_cross_entropy(model) -> None:  # noqa: ANN001
-    from ohlora_rag.training.grouped import GroupedHybridLoss
+    from ohlora_rag.training.hybrid_loss import GroupedHybridLoss
 
     questions, entries, labels = _pairs()
     model.eval()
@@ -79,7 +79,7 @@ def test_ranking_term_matches_hand_computed_cross_entropy(model) -> None:  # noq
 
 
 def test_other_right_entries_of_a_question_are_not_its_negatives(model) -> None:  # noqa: ANN001
-    from ohlora_rag.training.grouped import GroupedHybridLoss
+    from ohlora_rag.training.hybrid_loss import GroupedHybridLoss
 
     model.eval()
     texts = [t for _, _, t in CONCEPTS[:3]]
@@ -99,7 +99,7 @@ def test_other_right_entries_of_a_question_are_not_its_negatives(model) -> None:
 def test_sampler_batches_whole_questions_reshuffled_per_epoch() -> None:
     from datasets import Dataset
 
-    from ohlora_rag.training.grouped import QuestionBatchSampler
+    from ohlora_rag.training.hybrid_loss import QuestionBatchSampler
 
     questions = [f"q{i}" for i in range(10) for _ in range(4)]
     data = Dataset.from_dict({"sentence1": questions, "sentence2": ["e"] * 40, "score": [0.0] * 40})

@@ -16,11 +16,11 @@ import faiss
 import numpy as np
 import pytest
 
+from ohlora_rag.build import build_index
 from ohlora_rag.config import IndexConfig, Paths
 from ohlora_rag.errors import DataFormatError, IndexNotFoundError
-from ohlora_rag.index import VectorIndex, active_build, load_index
-from ohlora_rag.indexing import build_index
 from ohlora_rag.models import fingerprint
+from ohlora_rag.store import VectorIndex, active_build, load_index
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -41,9 +41,9 @@ def test_search_is_exact_against_numpy(nq: int) -> None:
 
 
 def test_split_scan_for_one_query_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ohlora_rag.index as index_module
+    import ohlora_rag.store as store
 
-    monkeypatch.setattr(index_module, "SPLIT_FROM_ROWS", 1000)
+    monkeypatch.setattr(store, "SPLIT_FROM_ROWS", 1000)
     rng = np.random.default_rng(3)
     base, query = _unit(rng, 4001, 16), _unit(rng, 1, 16)
     threads = faiss.omp_get_max_threads()
@@ -122,7 +122,7 @@ def test_killed_build_leaves_old_index_loadable(home: Path, tmp_path: Path) -> N
         from pathlib import Path
         import ohlora_rag.artifacts as artifacts
         from ohlora_rag.config import IndexConfig, Paths
-        from ohlora_rag.indexing import build_index
+        from ohlora_rag.build import build_index
 
         real_fsync = artifacts.fsync
         def slow_fsync(path):

@@ -14,9 +14,9 @@ from .data import ConceptDB, LabelledQuestions, load_concepts, load_labelled_que
 from .decision import DecisionModel, fit_decision
 from .encoder import Encoder
 from .errors import OhloraError
-from .index import Manifest, ScoreStats, StoredIndex, VectorIndex, check_writable, write_index
 from .lexical import LexicalIndex
 from .models import choose_encoder, read_manifest
+from .store import Manifest, ScoreStats, StoredIndex, VectorIndex, check_writable, write_index
 
 
 @dataclass

@@ -179,9 +179,6 @@ class VectorIndex:
             return np.zeros((0, self.dim), np.float32)
         return np.asarray(self.index.reconstruct_batch(ids), dtype=np.float32)
 
-    def add(self, vectors: np.ndarray) -> None:
-        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k by inner product.
 
