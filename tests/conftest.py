@@ -224,6 +224,66 @@ def write_sft(path: Path, rows: list[tuple[str, str, str]] = SFT_ROWS) -> Path:
     return path
 
 
+def make_tiny_bpe_lm(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama-shaped causal LM of width 16 with a byte-level BPE tokenizer (spaces are part of tokens, as
+    in real LLMs: ' answer' and 'answer' differ) trained on the concepts and SFT rows in the seed format; random
+    weights, no chat template."""
+    import torch
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from ohlora_rag.prompt import SEED_ANSWER_END, SEED_ANSWER_START, SEED_NO_INFO
+
+    tok = Tokenizer(BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [text for _, _, text in CONCEPTS]
+    corpus += [
+        f"(제공된 정보) {e or SEED_NO_INFO} (사용자 질문) {q}{SEED_ANSWER_START} {a}{SEED_ANSWER_END}"
+        for q, e, a in SFT_ROWS
+    ]
+    specials = ["<|endoftext|>", "<pad>"]
+    trainer = BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    out = folder / "tiny-bpe-lm"
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=specials[0], pad_token=specials[1]).save_pretrained(out)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        eos_token_id=tok.token_to_id(specials[0]),
+        pad_token_id=tok.token_to_id(specials[1]),
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_lm_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bpe_lm(tmp_path_factory.mktemp("tinybpelm"))
+
+
+@pytest.fixture
+def tiny_bpe_lm(tiny_bpe_lm_master: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny byte-level BPE LM folder."""
+    return Path(shutil.copytree(tiny_bpe_lm_master, tmp_path / "tiny-bpe-lm"))
+
+
 @contextlib.contextmanager
 def read_only(folder: Path) -> Iterator[None]:
     """Make `folder` refuse new files for the block: chmod for a normal user, `chattr +i` for root (whom

@@ -1,4 +1,5 @@
-"""train-llm on the tiny LM: 2 SFT steps change the adapter; the pre-flight check refuses broken data."""
+"""train-llm on the tiny LM: 2 SFT steps change the adapter; the pre-flight check refuses broken data (default and
+seed templates); `ask` serves the adapter train-llm publishes."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from ohlora_rag.data import load_sft
 from ohlora_rag.errors import DataFormatError
 from ohlora_rag.prompt import PromptBuilder
 from ohlora_rag.training.llm import PreflightError, preflight, train_llm
-from tests.conftest import write_sft
+from tests.conftest import CONCEPTS, write_sft
+
+PRECISION = CONCEPTS[1][2]
 
 
 def _config(tmp_path: Path, tiny_lm: Path, **kw: object) -> LlmTrainConfig:
@@ -67,7 +70,9 @@ def test_resumed_run_throughput_counts_only_its_own_epoch(tmp_path: Path, tiny_l
     assert again.tokens_per_second == pytest.approx(again.tokens / again.seconds)
 
 
-def _tokenized(tmp_path: Path, tiny_lm: Path, template: str = "chat"):  # noqa: ANN202
+def _tokenized(  # noqa: ANN202
+    tmp_path: Path, tiny_lm: Path, template: str = "chat", builder_type: type[PromptBuilder] = PromptBuilder
+):
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -76,7 +81,7 @@ def _tokenized(tmp_path: Path, tiny_lm: Path, template: str = "chat"):  # noqa: 
 
     tok = AutoTokenizer.from_pretrained(tiny_lm)
     rows = load_sft(write_sft(tmp_path / "sft.csv"))
-    builder = PromptBuilder.create(tok, template)
+    builder = builder_type.create(tok, template)
     args = SFTConfig(
         output_dir=str(tmp_path / "x"), completion_only_loss=True, max_length=None, report_to="none", use_cpu=True
     )
@@ -120,6 +125,52 @@ def test_preflight_catches_a_missing_eos_and_an_overlong_row(tmp_path: Path, tin
         preflight(cut, rows, builder, max_length=512)
     with pytest.raises(PreflightError, match=r"row 1: prompt \+ answer is \d+ tokens, over --max-length 10"):
         preflight(data, rows, builder, max_length=10)
+
+
+def test_preflight_accepts_what_trl_builds_for_the_seed_template(tmp_path: Path, tiny_bpe_lm: Path) -> None:
+    """The original Korean format on a byte-level BPE tokenizer: the loss covers exactly the tokens after the prompt
+    `ask` builds — the answer with its leading space, the closing marker and EOS."""
+    from ohlora_rag.generator import encode_prompt
+
+    data, rows, builder = _tokenized(tmp_path, tiny_bpe_lm, template="seed")
+    tok = builder.tokenizer
+    prompts = [encode_prompt(tok, builder.prompt(q, e)) for q, e in zip(rows.questions, rows.entries)]
+    assert preflight(data, rows, builder, max_length=512) == sum(
+        len(x["input_ids"]) - len(p) for x, p in zip(data, prompts)
+    )
+    first, no_info = data[0], data[3]
+    in_loss = [t for t, label in zip(first["input_ids"], first["labels"]) if label != -100]
+    assert tok.decode(in_loss) == " precision is true positives over predicted positives . (답변 종료)<|endoftext|>"
+    assert tok.decode(no_info["input_ids"][: len(prompts[3])]) == (
+        "(제공된 정보) 알맞은 정보를 찾을 수 없음 (사용자 질문) who won the cup ? (답변 시작) ### 답변:"
+    )
+
+
+class SpaceInPromptBuilder(PromptBuilder):
+    """The seed format with the space before the answer moved into the prompt: prompt + completion is the same text,
+    but `ask`'s prompt then ends on a lone space token the model never saw in training."""
+
+    def prompt(self, question: str, entry: str | None) -> str:
+        return super().prompt(question, entry) + " "
+
+    def completion(self, answer: str) -> str:
+        return super().completion(answer).removeprefix(" ")
+
+
+def test_preflight_catches_a_seed_prompt_that_ends_inside_a_token(tmp_path: Path, tiny_bpe_lm: Path) -> None:
+    data, rows, builder = _tokenized(tmp_path, tiny_bpe_lm, template="seed", builder_type=SpaceInPromptBuilder)
+    message = (
+        "row 1: the training prompt is not the prompt `ask` builds (template 'seed') — the prompt and answer must meet"
+    )
+    with pytest.raises(PreflightError, match=re.escape(message)):
+        preflight(data, rows, builder, max_length=512)
+
+
+def test_preflight_catches_a_seed_row_that_lost_its_eos(tmp_path: Path, tiny_bpe_lm: Path) -> None:
+    data, rows, builder = _tokenized(tmp_path, tiny_bpe_lm, template="seed")
+    data[1] = {"input_ids": data[1]["input_ids"][:-1], "labels": data[1]["labels"][:-1]}  # ends on "(답변 종료)"
+    with pytest.raises(PreflightError, match="row 2: the sequence does not end on EOS inside the loss mask"):
+        preflight(data, rows, builder, max_length=512)
 
 
 @pytest.mark.parametrize(
@@ -204,3 +255,63 @@ def test_kill_9_during_train_llm_then_resume(tmp_path: Path, tiny_lm: Path) -> N
     generator = Generator(choose_llm(None, None, Paths(home)))
     assert generator.choice.adapter == out
     assert generator.generate(generator.prompts.prompt("what is recall ?", None), max_new_tokens=3).new_tokens >= 1
+
+
+@pytest.mark.parametrize(
+    ("lm", "template", "served_template"), [("tiny_lm", "auto", "chat"), ("tiny_bpe_lm", "seed", "seed")]
+)
+def test_ask_answers_with_the_adapter_train_llm_wrote(
+    home: Path, lm: str, template: str, served_template: str, request: pytest.FixtureRequest
+) -> None:
+    """The train -> serve hand-off: with no flag, `ask` loads what `train-llm` published under models/llm (its base
+    and template from the manifest), answers differently from the base model given the same prompt, and serves
+    exactly base + alpha / r * B @ A in every adapted projection (the other weights: the base's)."""
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from ohlora_rag.cli import app
+    from ohlora_rag.config import AskConfig
+    from ohlora_rag.engine import QueryEngine
+    from ohlora_rag.generator import Generator, LLMChoice
+
+    base_lm: Path = request.getfixturevalue(lm)
+    config = LlmTrainConfig(
+        data=write_sft(home / "data" / "sft.csv"),
+        base_llm=str(base_lm),
+        template=template,
+        epochs=4,
+        batch_size=4,
+        learning_rate=0.2,  # 4 steps that move the tiny model's greedy answer (0.05 would not)
+        progress=False,
+        bf16=False,
+    )
+    assert train_llm(config, Paths(home)).steps == 4
+    runner = CliRunner()
+    assert runner.invoke(app, ["build-index", "-q"]).exit_code == 0
+    result = runner.invoke(app, ["ask", PRECISION, "--json", "--max-new-tokens", "8", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert "notice" not in result.stderr  # an adapter was found: no "answering with the base model"
+    answer = json.loads(result.stdout)
+    assert answer["source"]["id"] == "precision"
+
+    engine = QueryEngine.load(AskConfig(max_new_tokens=8, dtype="float32"), Paths(home), retrieve=False)
+    choice = engine.generator.choice
+    assert choice.adapter == home / "models" / "llm" and choice.base.path == base_lm
+    assert engine.generator.prompts.template == served_template
+    assert engine.stream_with(PRECISION, PRECISION).answer().answer == answer["answer"]
+    alone = Generator(LLMChoice(choice.base, None, served_template), device="cpu", dtype="float32")
+    prompt = alone.prompts.prompt(PRECISION, PRECISION)  # the very prompt `ask` built
+    assert alone.generate(prompt, max_new_tokens=8).text != answer["answer"]  # the adapter changed the answer
+    expected = AutoModelForCausalLM.from_pretrained(base_lm).state_dict()
+    lora = load_file(str(home / "models" / "llm" / "adapter_model.safetensors"))
+    a_keys = [k for k in lora if ".lora_A." in k]
+    assert len(a_keys) == 2 * 7
+    for a_key in a_keys:
+        name = a_key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+        update = config.lora_alpha / config.lora_r * lora[a_key.replace("lora_A", "lora_B")] @ lora[a_key]
+        assert torch.count_nonzero(update) > 0
+        expected[name] = expected[name] + update
+    served = engine.generator.model.state_dict()
+    assert served.keys() == expected.keys()
+    for name, weight in served.items():
+        torch.testing.assert_close(weight, expected[name], rtol=0, atol=1e-6, msg=name)
