@@ -16,7 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ..artifacts import MODEL_MANIFEST, write_json
+from ..artifacts import MODEL_MANIFEST, ModelManifest, write_json
 from ..errors import ModelImportError, UsageError
 
 TUTOR_DIR = Path(__file__).resolve().parents[1] / "tutor"
@@ -66,9 +66,8 @@ def export_encoder(encoder_dir: Path, base_encoder_dir: Path, out: Path = TUTOR_
     import torch
     from safetensors.torch import load_file, save_file
 
-    from ..models import read_manifest
-
-    manifest = read_manifest(encoder_dir) or {}
+    read = ModelManifest.read(encoder_dir)
+    manifest = read.to_dict() if read else {}
     if manifest.get("kind") != "encoder":
         raise UsageError(f"export: {encoder_dir} is not a train-sbert output (no encoder manifest)")
     tuned = load_file(str(encoder_dir / "model.safetensors"))
@@ -87,9 +86,8 @@ def export_adapter(adapter_dir: Path, out: Path = TUTOR_DIR) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from ..models import read_manifest
-
-    manifest = read_manifest(adapter_dir) or {}
+    read = ModelManifest.read(adapter_dir)
+    manifest = read.to_dict() if read else {}
     if manifest.get("kind") != "llm-adapter":
         raise UsageError(f"export: {adapter_dir} is not a train-llm output (no adapter manifest)")
     target = out / ADAPTER_DIR
