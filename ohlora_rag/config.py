@@ -44,6 +44,7 @@ def knob(
     flag: str | None = None,
     short: str | None = None,
     negate: bool = False,
+    choices: tuple[str, ...] = (),
     factory: Callable[[], Any] | None = None,
 ) -> Any:
     """A user-facing setting, declared once: its default and its `--help` text. The command line builds its
@@ -55,9 +56,10 @@ def knob(
         flag: the option's name, when it is not `--field-name`.
         short: a one-letter alias such as "-k".
         negate: the flag turns the (True by default) setting off, e.g. `--quiet` for `progress`.
+        choices: the values it takes (checked by `check_choices`; the help names them).
         factory: makes the default (for mutable values).
     """
-    metadata = {"help": help, "flag": flag, "short": short, "negate": negate}
+    metadata = {"help": help, "flag": flag, "short": short, "negate": negate, "choices": choices}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -66,6 +68,14 @@ def knob(
 def option_name(f: Any) -> str:
     """The command-line flag of a dataclass field declared with `knob`."""
     return str(f.metadata.get("flag") or "--" + f.name.replace("_", "-"))
+
+
+def check_choices(config: object) -> None:
+    """Refuse a value outside a setting's declared `choices`, naming its flag and the choices."""
+    for f in fields(config):  # type: ignore[arg-type]
+        choices = f.metadata.get("choices")
+        if choices and getattr(config, f.name) not in choices:
+            raise UsageError(f"{option_name(f)} {getattr(config, f.name)}: choose one of {', '.join(choices)}")
 
 
 def check_finite(config: object, flags: dict[str, str] | None = None) -> None:
@@ -182,6 +192,8 @@ class SearchConfig:
 
 
 SBERT_LOSSES = ("cosine", "cosent", "mnrl", "hybrid")
+#: Prompt templates: auto (the tokenizer's chat template, else plain), chat, plain, seed (the original Korean format).
+TEMPLATES = ("auto", "chat", "plain", "seed")
 
 
 @dataclass
@@ -209,7 +221,9 @@ class SbertTrainConfig:
     # every entry of its batch; cosine: CosineSimilarityLoss on pair batches (the seed's); cosent: CoSENTLoss;
     # mnrl: MultipleNegativesRankingLoss on the 1.0 pairs.
     loss: str = knob(
-        "hybrid", "hybrid (cosine + a ranking term, batches of whole questions) | cosine (the seed's) | cosent | mnrl."
+        "hybrid",
+        "hybrid (cosine + a ranking term, batches of whole questions) | cosine (the seed's) | cosent | mnrl.",
+        choices=SBERT_LOSSES,
     )
     ranking_weight: float = knob(0.2, "hybrid: weight of the ranking term (0 = cosine only).")
     seed: int = knob(42, "Seed for the validation split, shuffling and initialisation.")
@@ -230,12 +244,11 @@ class SbertTrainConfig:
 
     def __post_init__(self) -> None:
         check_finite(self, {"learning_rate": "--lr", "valid_fraction": "valid fraction"})
+        check_choices(self)
         if self.epochs < 1:
             raise UsageError(f"--epochs {self.epochs}: must be at least 1")
         if self.batch_size < 2:
             raise UsageError(f"--batch-size {self.batch_size}: must be at least 2")
-        if self.loss not in SBERT_LOSSES:
-            raise UsageError(f"--loss {self.loss}: choose one of {', '.join(SBERT_LOSSES)}")
         if not 0.0 < self.valid_fraction < 1.0:
             raise UsageError(f"valid fraction {self.valid_fraction}: must lie in (0, 1)")
         if self.learning_rate <= 0:
@@ -259,7 +272,7 @@ class LlmTrainConfig:
     valid: Path | None = knob(None, "Validation rows (eval loss per epoch).")
     base_llm: str | None = knob(None, f"Base LLM: folder, built-in alias or hub id (default: {DEFAULT_LLM}).")
     # auto: the tokenizer's chat template, else plain.
-    template: str = knob("auto", "auto | chat | plain | seed (the original Korean format).")
+    template: str = knob("auto", "auto | chat | plain | seed (the original Korean format).", choices=TEMPLATES)
     epochs: int = knob(3, "Passes over the training rows.")
     batch_size: int = knob(8, "Rows per training step.")
     learning_rate: float = knob(3e-4, "Learning rate.", flag="--lr")
@@ -277,9 +290,8 @@ class LlmTrainConfig:
     progress: bool = knob(True, "No progress bar.", flag="--quiet", short="-q", negate=True)
 
     def __post_init__(self) -> None:
-        from .prompt import TEMPLATES
-
         check_finite(self, {"learning_rate": "--lr"})
+        check_choices(self)
         for name in ("epochs", "batch_size", "lora_r", "lora_alpha", "max_length"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
@@ -287,8 +299,6 @@ class LlmTrainConfig:
             raise UsageError(f"--lora-dropout {self.lora_dropout}: must lie in [0, 1)")
         if self.learning_rate <= 0:
             raise UsageError(f"--lr {self.learning_rate}: must be positive")
-        if self.template not in TEMPLATES:
-            raise UsageError(f"--template {self.template}: choose one of {', '.join(TEMPLATES)}")
 
 
 #: The LLM weight types `--dtype` takes.
@@ -322,14 +332,15 @@ class AskConfig:
         True, "Keep the model's reply even when nothing matched and it did not decline.", flag="--no-guard", negate=True
     )
     dtype: str = knob(
-        "auto", "LLM weights: auto = bfloat16 where the CPU/GPU runs it natively, else float32; or float32, bfloat16."
+        "auto",
+        "LLM weights: auto = bfloat16 where the CPU/GPU runs it natively, else float32; or float32, bfloat16.",
+        choices=DTYPES,
     )
 
     def __post_init__(self) -> None:
         check_finite(self)
         SearchConfig(top_k=self.top_k, threshold=self.threshold)  # same checks as search
-        if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
+        check_choices(self)
         if self.max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens {self.max_new_tokens}: must be at least 1")
         if self.temperature < 0:

@@ -16,9 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .config import TEMPLATES
 from .errors import UsageError
-
-TEMPLATES = ("auto", "chat", "plain", "seed")
 
 PERSONA = (
     "You are Oh-LoRA, a warm machine-learning tutor. Answer in two or three short sentences using only the given "

@@ -134,3 +134,23 @@ def test_readme_command_table_shows_the_defaults() -> None:
                 assert value == default, f"README: {name} {flag} {value}, the default is {default}"
                 checked += 1
     assert checked >= 10
+
+
+@pytest.mark.parametrize(
+    ("config", "name", "kwargs"),
+    [
+        (SbertTrainConfig, "loss", {"data": Path("p.csv")}),
+        (LlmTrainConfig, "template", {"data": Path("p.csv")}),
+        (AskConfig, "dtype", {}),
+    ],
+)
+def test_declared_choices_are_named_in_the_help_and_enforced(config: type, name: str, kwargs: dict[str, Any]) -> None:
+    from ohlora_rag.errors import UsageError
+
+    f = next(f for f in dataclasses.fields(config) if f.name == name)
+    choices = f.metadata["choices"]
+    assert choices and all(choice in f.metadata["help"] for choice in choices)
+    for choice in choices:
+        config(**kwargs, **{name: choice})
+    with pytest.raises(UsageError, match=rf"^{option_name(f)} nope: choose one of {', '.join(choices)}$"):
+        config(**kwargs, **{name: "nope"})
