@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import csv
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,10 +140,9 @@ CHAT_TEMPLATE = (
 
 def make_tiny_lm(folder: Path, seed: int = 0) -> Path:
     """A 2-layer Llama-shaped causal LM of width 16 with a WordLevel tokenizer and a ChatML template, random weights."""
-    import torch
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import WordLevel
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from ohlora_rag.prompt import NO_INFO, PERSONA
 
@@ -176,22 +177,30 @@ def make_tiny_lm(folder: Path, seed: int = 0) -> Path:
     fast.chat_template = CHAT_TEMPLATE
     out = folder / "tiny-lm"
     fast.save_pretrained(out)
+    return _save_tiny_llama(out, seed, len(vocab), vocab["<|im_end|>"], vocab["<pad>"], vocab["<|im_start|>"])
+
+
+def _save_tiny_llama(out: Path, seed: int, vocab_size: int, eos: int, pad: int, bos: int | None = None) -> Path:
+    """A 2-layer Llama of width 16 with random weights (seeded), saved beside its tokenizer in `out`."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(vocab),
+        vocab_size=vocab_size,
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
         max_position_embeddings=512,
-        bos_token_id=vocab["<|im_start|>"],
-        eos_token_id=vocab["<|im_end|>"],
-        pad_token_id=vocab["<pad>"],
+        eos_token_id=eos,
+        pad_token_id=pad,
         tie_word_embeddings=True,
+        **({"bos_token_id": bos} if bos is not None else {}),
     )
     model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad)
     model.save_pretrained(out)
     return out
 
@@ -228,11 +237,10 @@ def make_tiny_bpe_lm(folder: Path, seed: int = 0) -> Path:
     """A 2-layer Llama-shaped causal LM of width 16 with a byte-level BPE tokenizer (spaces are part of tokens, as
     in real LLMs: ' answer' and 'answer' differ) trained on the concepts and SFT rows in the seed format; random
     weights, no chat template."""
-    import torch
     from tokenizers import Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
     from tokenizers.trainers import BpeTrainer
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from ohlora_rag.prompt import SEED_ANSWER_END, SEED_ANSWER_START, SEED_NO_INFO
 
@@ -254,23 +262,7 @@ def make_tiny_bpe_lm(folder: Path, seed: int = 0) -> Path:
     tok.train_from_iterator(corpus, trainer)
     out = folder / "tiny-bpe-lm"
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=specials[0], pad_token=specials[1]).save_pretrained(out)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        eos_token_id=tok.token_to_id(specials[0]),
-        pad_token_id=tok.token_to_id(specials[1]),
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
-    model.save_pretrained(out)
-    return out
+    return _save_tiny_llama(out, seed, tok.get_vocab_size(), tok.token_to_id(specials[0]), tok.token_to_id(specials[1]))
 
 
 @pytest.fixture(scope="session")
@@ -282,6 +274,19 @@ def tiny_bpe_lm_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_bpe_lm(tiny_bpe_lm_master: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny byte-level BPE LM folder."""
     return Path(shutil.copytree(tiny_bpe_lm_master, tmp_path / "tiny-bpe-lm"))
+
+
+#: Libraries the answering path must not load: together they cost seconds of every cold `search` and `ask`.
+TRAINING_LIBRARIES = ("sentence_transformers", "sklearn", "datasets", "peft", "trl", "pandas")
+
+
+def heavy_imports(code: str) -> list[str]:
+    """Run `code` in a fresh interpreter (with the index and models of the current OHLORA_HOME) and return which of
+    TRAINING_LIBRARIES it loaded."""
+    probe = f"{code}\nimport sys\nprint([m for m in {TRAINING_LIBRARIES!r} if m in sys.modules])\n"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return list(ast.literal_eval(done.stdout.strip().splitlines()[-1]))
 
 
 @contextlib.contextmanager
