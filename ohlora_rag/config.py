@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,8 @@ DEFAULT_LLM = "smollm2-135m-instruct"
 #: Cosine threshold used when neither the command line nor a calibrated manifest gives one (the seed's value).
 FALLBACK_THRESHOLD = 0.5
 
-#: Texts per encoder forward pass, wherever texts are encoded (build-index, evaluations, training's validation).
+#: Texts per encoder forward pass, wherever texts are encoded (build-index, evaluations, training's validation):
+#: sentence-transformers' own default, measured fastest on CPU.
 ENCODE_BATCH = 32
 
 #: What train-sbert and train-llm train on when no --data is given, under the home folder.
@@ -45,7 +45,6 @@ def knob(
     short: str | None = None,
     negate: bool = False,
     choices: tuple[str, ...] = (),
-    factory: Callable[[], Any] | None = None,
 ) -> Any:
     """A user-facing setting, declared once: its default and its `--help` text. The command line builds its
     option from this (`cli.option`), and tests/test_config_cli.py fails when an option's default or help differs.
@@ -57,11 +56,8 @@ def knob(
         short: a one-letter alias such as "-k".
         negate: the flag turns the (True by default) setting off, e.g. `--quiet` for `progress`.
         choices: the values it takes (checked by `check_choices`; the help names them).
-        factory: makes the default (for mutable values).
     """
     metadata = {"help": help, "flag": flag, "short": short, "negate": negate, "choices": choices}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -84,12 +80,12 @@ def check_finite(config: object, flags: dict[str, str] | None = None) -> None:
 
     Args:
         config: a settings dataclass.
-        flags: field name -> the option that sets it, where it is not `--field-name`.
+        flags: field name -> how to name a setting that no option declares (see `option_name` for those that do).
     """
     for f in fields(config):  # type: ignore[arg-type]
         value = getattr(config, f.name)
         if isinstance(value, float) and not math.isfinite(value):
-            flag = (flags or {}).get(f.name, "--" + f.name.replace("_", "-"))
+            flag = (flags or {}).get(f.name) or option_name(f)
             raise UsageError(f"{flag} {value}: must be a finite number")
 
 
@@ -153,7 +149,6 @@ class IndexConfig:
         "Encoder: folder, built-in alias or hub id (default: models/sbert/ if trained, else the shipped tutor "
         f"encoder {DEFAULT_TUTOR_ENCODER}).",
     )
-    # 32, sentence-transformers' own default, measured fastest on CPU.
     batch_size: int = knob(ENCODE_BATCH, "Texts per encoder batch.")
     progress: bool = knob(True, "No progress bar.", flag="--quiet", short="-q", negate=True)
     calibration: Path | None = knob(
@@ -243,7 +238,7 @@ class SbertTrainConfig:
     progress: bool = knob(True, "No progress bar.", flag="--quiet", short="-q", negate=True)
 
     def __post_init__(self) -> None:
-        check_finite(self, {"learning_rate": "--lr", "valid_fraction": "valid fraction"})
+        check_finite(self, {"valid_fraction": "valid fraction"})
         check_choices(self)
         if self.epochs < 1:
             raise UsageError(f"--epochs {self.epochs}: must be at least 1")
@@ -290,7 +285,7 @@ class LlmTrainConfig:
     progress: bool = knob(True, "No progress bar.", flag="--quiet", short="-q", negate=True)
 
     def __post_init__(self) -> None:
-        check_finite(self, {"learning_rate": "--lr"})
+        check_finite(self)
         check_choices(self)
         for name in ("epochs", "batch_size", "lora_r", "lora_alpha", "max_length"):
             if getattr(self, name) < 1:

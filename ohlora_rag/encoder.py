@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,19 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _plain_pooling(folder: Path) -> str | None:
-    """The pooling ("mean" or "cls") of a Transformer -> Pooling -> [Normalize] folder; None for other shapes."""
+@dataclass
+class _Plain:
+    """What a plain folder's settings files say: everything the direct path needs besides the weights."""
+
+    pooling: str  # "mean" or "cls"
+    prompts: dict[str, str]
+    limit: int  # sentence-transformers' max_seq_length: the folder's, else the tokenizer's
+    pad_token: str
+
+
+def _plain(folder: Path) -> _Plain | None:
+    """The settings of a Transformer -> Pooling (mean or CLS) -> [Normalize] folder with a fast tokenizer that can
+    pad; None for any other folder (sentence-transformers loads those)."""
     try:
         modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
         types = [str(m["type"]) for m in modules]
@@ -43,7 +55,8 @@ def _plain_pooling(folder: Path) -> str | None:
     names = [t.rsplit(".", 1)[-1] if t.startswith("sentence_transformers.") else t for t in types]
     if names not in (list(_PLAIN[:2]), list(_PLAIN)) or paths[0] != "":
         return None
-    if _read_json(folder / "sentence_bert_config.json").get("do_lower_case"):
+    sbert = _read_json(folder / "sentence_bert_config.json")
+    if sbert.get("do_lower_case"):
         return None
     pooling = _read_json(folder / paths[1] / "config.json")
     if "pooling_mode" in pooling:  # sentence-transformers 6
@@ -55,11 +68,13 @@ def _plain_pooling(folder: Path) -> str | None:
         )
     if mode not in ("mean", "cls") or pooling.get("include_prompt") is False:
         return None
-    if not (folder / "tokenizer.json").is_file() or not _token(
-        _read_json(folder / "tokenizer_config.json").get("pad_token")
-    ):
+    tokenizer = _read_json(folder / "tokenizer_config.json")
+    pad = _token(tokenizer.get("pad_token"))
+    if not (folder / "tokenizer.json").is_file() or pad is None:
         return None  # a slow (sentencepiece-only) tokenizer, or one that cannot pad: sentence-transformers handles it
-    return str(mode)
+    prompts = _read_json(folder / "config_sentence_transformers.json").get("prompts") or {}
+    limit = sbert.get("max_seq_length") or tokenizer.get("model_max_length", 512)
+    return _Plain(str(mode), {k: str(v) for k, v in prompts.items()}, int(limit), pad)
 
 
 def _token(value: Any) -> str | None:
@@ -82,11 +97,11 @@ class Encoder:
         self.device = device or torch_device()
         self.model: Any = None  # the SentenceTransformer, for folders of another shape
         with loading(ref, "encoder"):
-            pooling = _plain_pooling(ref.path)
-            if pooling is None:
+            plain = _plain(ref.path)
+            if plain is None:
                 self._load_sentence_transformer()
             else:
-                self._load_transformer(pooling)
+                self._load_transformer(plain)
 
     def _load_sentence_transformer(self) -> None:
         from sentence_transformers import SentenceTransformer
@@ -96,30 +111,23 @@ class Encoder:
         self.dim = int(get_dim())
         self.prompts: dict[str, str] = dict(self.model.prompts or {})
 
-    def _load_transformer(self, pooling: str) -> None:
+    def _load_transformer(self, plain: _Plain) -> None:
         from tokenizers import Tokenizer
         from transformers import AutoModel
 
         folder = self.ref.path
-        self.pooling = pooling
-        settings = _read_json(folder / "config_sentence_transformers.json")
-        self.prompts = {k: str(v) for k, v in (settings.get("prompts") or {}).items()}
+        self.pooling = plain.pooling
+        self.prompts = plain.prompts
         self.transformer = AutoModel.from_pretrained(folder, local_files_only=True).to(self.device).eval()
-        # sentence-transformers' limit: the folder's max_seq_length, else the tokenizer's, capped by the positions.
-        tokenizer_config = _read_json(folder / "tokenizer_config.json")
-        limit = _read_json(folder / "sentence_bert_config.json").get("max_seq_length") or tokenizer_config.get(
-            "model_max_length", 512
-        )
         positions = getattr(self.transformer.config, "max_position_embeddings", None)
-        self.max_length = int(min(limit, positions) if positions and positions > 0 else limit)
+        self.max_length = min(plain.limit, positions) if positions and positions > 0 else plain.limit
         self.dim = int(self.transformer.config.hidden_size)
         # The tokenizers library on the folder's tokenizer.json: what AutoTokenizer would run, without the second,
         # pure-Python parse of the same 17 MB file that AutoTokenizer makes (0.6 s of every `search`).
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        pad = _token(tokenizer_config.get("pad_token"))
-        pad_id = self.tokenizer.token_to_id(pad) if pad else None
         self.tokenizer.enable_truncation(self.max_length)
-        self.tokenizer.enable_padding(pad_id=pad_id or 0, pad_token=pad or "[PAD]")
+        pad_id = self.tokenizer.token_to_id(plain.pad_token)
+        self.tokenizer.enable_padding(pad_id=pad_id if pad_id is not None else 0, pad_token=plain.pad_token)
 
     @property
     def fingerprint(self) -> str:

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .artifacts import hash_into, staged_folder
 from .config import DEFAULT_LLM, AskConfig, Paths
 from .device import configure_threads
 from .errors import ModelNotFoundError, OhloraError
-from .models import ModelRef, check_json_files, loading, read_manifest, resolve, staged_folder
+from .models import ModelRef, check_json_files, loading, read_manifest, resolve
 from .prompt import PromptBuilder
 
 
@@ -119,7 +120,8 @@ def merged_folder(choice: LLMChoice) -> Path | None:
     for path in sorted(
         p for p in choice.adapter.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin")
     ):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        digest.update(path.name.encode() + b"\0")
+        hash_into(digest, path)
     return choice.cache / f"merged-{digest.hexdigest()[:16]}"
 
 

@@ -15,16 +15,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import MODEL_MANIFEST, ModelManifest, hash_into, sha256_file
-from .artifacts import staged_folder as staged_folder  # re-exported: generator.py and tests import it from here
+from .artifacts import MODEL_MANIFEST, ModelManifest, hash_into, sha256_file, staged_folder
 from .config import Paths
 from .errors import ModelImportError, ModelNotFoundError, OhloraError, UsageError
 
-MANIFEST_NAME = MODEL_MANIFEST
-
 # Files whose bytes define what a model computes: weights and tokenizer (and the S-BERT module configs).
 _IDENTITY_SUFFIXES = (".safetensors", ".bin", ".model", ".json", ".txt")
-_IGNORED_NAMES = {MANIFEST_NAME, "README.md", "trainer_state.json", "training_args.bin"}
+_IGNORED_NAMES = {MODEL_MANIFEST, "README.md", "trainer_state.json", "training_args.bin"}
 
 
 @dataclass(frozen=True)
@@ -200,7 +197,7 @@ def ensure_builtin(builtin: Builtin, paths: Paths) -> Path:
     conversion never leaves a half-written model behind.
     """
     target = paths.base_models_dir / builtin.alias
-    if (target / MANIFEST_NAME).exists() and not builtin.track_source:
+    if (target / MODEL_MANIFEST).exists() and not builtin.track_source:
         return target
     spec = importlib.util.find_spec(builtin.package)
     if spec is None or not spec.submodule_search_locations:
@@ -215,7 +212,7 @@ def ensure_builtin(builtin: Builtin, paths: Paths) -> Path:
     source_hash = sha256_file(source)[:16] if builtin.track_source else None
 
     def done(out: Path) -> bool:
-        return (out / MANIFEST_NAME).exists() and (read_manifest(out) or {}).get("source_hash") == source_hash
+        return (out / MODEL_MANIFEST).exists() and (read_manifest(out) or {}).get("source_hash") == source_hash
 
     if done(target):
         return target
@@ -296,7 +293,7 @@ def trained_encoder_manifest(folder: Path) -> dict[str, object]:
     manifest = read_manifest(folder)
     if manifest is None or manifest.get("kind") != "encoder":
         raise UsageError(
-            f"--save-threshold: {folder} has no encoder manifest ({MANIFEST_NAME}) — store thresholds in a model "
+            f"--save-threshold: {folder} has no encoder manifest ({MODEL_MANIFEST}) — store thresholds in a model "
             "that train-sbert wrote, or pass --threshold to search/ask"
         )
     return manifest
@@ -311,7 +308,7 @@ def store_threshold(folder: Path, threshold: float, calibrated_on: str) -> None:
     try:
         manifest.updated(threshold=threshold, threshold_calibrated_on=calibrated_on).write(folder)
     except OSError as exc:
-        raise OhloraError(f"--save-threshold: could not write {folder / MANIFEST_NAME}: {exc}") from None
+        raise OhloraError(f"--save-threshold: could not write {folder / MODEL_MANIFEST}: {exc}") from None
 
 
 def choose_encoder(reference: str | None, paths: Paths) -> ModelRef:

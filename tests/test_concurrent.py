@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from ohlora_rag.artifacts import staged_folder
 from ohlora_rag.build import build_index
 from ohlora_rag.cli import app
 from ohlora_rag.config import IndexConfig, Paths
 from ohlora_rag.locks import publish_lock
-from ohlora_rag.models import staged_folder
 from ohlora_rag.store import POINTER, active_build, load_index
 
 # The real CLI with every fsync of the index files slowed down, so that two builds started together are still

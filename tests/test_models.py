@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from ohlora_rag.artifacts import MODEL_MANIFEST
 from ohlora_rag.config import Paths
 from ohlora_rag.errors import ModelNotFoundError
-from ohlora_rag.models import MANIFEST_NAME, choose_encoder, fingerprint, resolve, write_manifest
+from ohlora_rag.models import choose_encoder, fingerprint, resolve, write_manifest
 
 
 def test_local_folder_resolves(tiny_sbert: Path, tmp_path: Path) -> None:
@@ -46,8 +47,8 @@ def test_fingerprint_tracks_weights_and_tokenizer(tiny_sbert: Path) -> None:
 
 def test_manifest_caches_fingerprint(tiny_sbert: Path) -> None:
     manifest = write_manifest(tiny_sbert, reference="tiny", kind="encoder")
-    assert (tiny_sbert / MANIFEST_NAME).exists()
-    (tiny_sbert / MANIFEST_NAME).unlink()
+    assert (tiny_sbert / MODEL_MANIFEST).exists()
+    (tiny_sbert / MODEL_MANIFEST).unlink()
     assert fingerprint(tiny_sbert) == manifest["fingerprint"]  # the stored value is what hashing the files gives
 
 
