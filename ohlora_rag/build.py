@@ -1,5 +1,5 @@
-"""`build-index`: encode a concept DB, publish an exact inner-product index with its BM25 part, and fit the
-entry decision on a labelled calibration file when there is one."""
+"""`build-index`: encode a concept DB, publish an exact inner-product index with its BM25 part and known questions,
+and fit the entry decision on a labelled calibration file when there is one."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import FALLBACK_THRESHOLD, IndexConfig, Paths
+from .config import FALLBACK_THRESHOLD, SBERT_TRAIN_DATA, IndexConfig, Paths
 from .data import ConceptDB, LabelledQuestions, load_concepts, load_labelled_questions
 from .decision import DecisionModel, fit_decision
 from .encoder import Encoder
 from .errors import OhloraError
 from .lexical import LexicalIndex
 from .models import choose_encoder, read_manifest
-from .store import Manifest, ScoreStats, StoredIndex, VectorIndex, check_writable, write_index
+from .store import KnownQuestions, Manifest, ScoreStats, StoredIndex, VectorIndex, check_writable, write_index
 
 
 @dataclass
@@ -41,6 +41,30 @@ def calibration_file(config: IndexConfig, paths: Paths) -> Path | None:
     db = Path(config.db).resolve() if config.db else paths.default_db.resolve()
     default = paths.data_dir / "trust_calib.csv"
     return default if db == paths.default_db.resolve() and default.is_file() else None
+
+
+def known_questions_file(config: IndexConfig, paths: Paths) -> Path | None:
+    """The labelled questions kept as match keys: `config.known_questions`, else the S-BERT training pairs
+    (data/sbert_train.csv) when the DB is the project's own and the file exists; none with `use_known=False`."""
+    if not config.use_known:
+        return None
+    if config.known_questions is not None:
+        return config.known_questions
+    db = Path(config.db).resolve() if config.db else paths.default_db.resolve()
+    default = paths.home / SBERT_TRAIN_DATA
+    return default if db == paths.default_db.resolve() and default.is_file() else None
+
+
+def known_questions(labelled: LabelledQuestions, db: ConceptDB, encoder: Encoder, batch_size: int) -> KnownQuestions:
+    """Encode labelled questions (query side) as match keys; a question no entry answers keeps position -1."""
+    positions = np.asarray([-1 if p is None else p for p in labelled.positions(db)], dtype=np.int64)
+    vectors = encoder.encode_queries(labelled.questions, batch_size=batch_size)
+    if not np.isfinite(vectors).all():
+        raise OhloraError(
+            f"encoder {encoder.ref.reference} returned non-finite vectors for the known questions of "
+            f"{labelled.path} — check the model folder"
+        )
+    return KnownQuestions(vectors.astype(np.float32), positions, np.asarray(labelled.questions, dtype=str))
 
 
 def in_memory_index(db: ConceptDB, encoder: Encoder, batch_size: int, progress: bool) -> StoredIndex:
@@ -74,7 +98,7 @@ def fit_on(stored: StoredIndex, encoder: Encoder, db: ConceptDB, labelled: Label
 
     gold = labelled.positions(db)
     retriever = Retriever(stored, encoder, FALLBACK_THRESHOLD)
-    signals = retriever.signals(labelled.questions)
+    signals = retriever.signals(labelled.questions, skip_own=True)
     return fit_decision(signals, gold, labelled.kinds, str(labelled.path))
 
 
@@ -95,20 +119,28 @@ def build_index(config: IndexConfig | None = None, paths: Paths | None = None) -
     db = load_concepts(config.db or paths.default_db)  # validate the data before loading any model
     calib = calibration_file(config, paths)
     labelled = load_labelled_questions(calib) if calib else None
-    if labelled is not None:
-        labelled.positions(db)  # every labelled entry must be in this DB: refuse before encoding
+    known_file = known_questions_file(config, paths)
+    known_labelled = load_labelled_questions(known_file) if known_file else None
+    for checked in (labelled, known_labelled):
+        if checked is not None:
+            checked.positions(db)  # every labelled entry must be in this DB: refuse before encoding
     check_writable(paths.index_dir)  # a read-only index/ fails now, not after minutes of encoding
     ref = choose_encoder(config.encoder, paths)
     encoder = Encoder(ref)
     t0 = time.perf_counter()
     stored = in_memory_index(db, encoder, config.batch_size, config.progress)
+    if known_labelled is not None:
+        stored.known = known_questions(known_labelled, db, encoder, config.batch_size)
+        stored.manifest.known_questions = len(stored.known)
     encode_seconds = time.perf_counter() - t0
     calibrated = (read_manifest(ref.path) or {}).get("threshold")
     manifest = stored.manifest
     manifest.threshold = float(calibrated) if isinstance(calibrated, (int, float)) else None
     decision = fit_on(stored, encoder, db, labelled) if labelled is not None else None
     manifest.decision = decision.to_dict() if decision else None
-    folder = write_index(paths.index_dir, stored.vectors, stored.entries, manifest, stored.lexical, stored.stats)
+    folder = write_index(
+        paths.index_dir, stored.vectors, stored.entries, manifest, stored.lexical, stored.stats, stored.known
+    )
     return BuildReport(
         manifest, str(folder), stored.vectors.on_gpu, encode_seconds, time.perf_counter() - start, decision
     )

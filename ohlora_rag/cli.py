@@ -141,13 +141,17 @@ def build_index_cmd(
     batch_size: Annotated[int, option(IndexConfig, "batch_size")] = _D.index.batch_size,
     calibration: Annotated[Path | None, option(IndexConfig, "calibration")] = None,
     no_calibrate: Annotated[bool, option(IndexConfig, "calibrate")] = False,
+    known: Annotated[Path | None, option(IndexConfig, "known_questions")] = None,
+    no_known: Annotated[bool, option(IndexConfig, "use_known")] = False,
     quiet: Annotated[bool, option(IndexConfig, "progress")] = False,
 ) -> None:
-    """Encode the concept DB and publish an exact inner-product Faiss index (+ BM25) under index/."""
+    """Encode the concept DB and publish an exact inner-product Faiss index (+ BM25, known questions) under index/."""
     from .build import build_index
 
     if calibration is not None and no_calibrate:
         raise UsageError("--calibrate and --no-calibrate: give one of them")
+    if known is not None and no_known:
+        raise UsageError("--known-questions and --no-known-questions: give one of them")
     config = IndexConfig(
         db=db,
         encoder=encoder,
@@ -155,6 +159,8 @@ def build_index_cmd(
         progress=not quiet,
         calibration=calibration,
         calibrate=not no_calibrate,
+        known_questions=known,
+        use_known=not no_known,
     )
     report = build_index(config, _paths())
     m = report.manifest
@@ -353,6 +359,8 @@ def evaluate_trust_cmd(
     model: Annotated[
         str | None, typer.Option("--model", help="Fine-tuned encoder (default: models/sbert/ if trained).")
     ] = None,
+    known: Annotated[Path | None, option(IndexConfig, "known_questions")] = None,
+    no_known: Annotated[bool, option(IndexConfig, "use_known")] = False,
     all_variants: Annotated[
         bool, typer.Option("--variants", help="Also measure the simpler decisions (seed rule, cosine cut, BM25 ...).")
     ] = False,
@@ -360,9 +368,12 @@ def evaluate_trust_cmd(
 ) -> None:
     """Which entry, or none, goes into the prompt: right entry, wrong entry, wrongly declined, near-miss and
     unrelated questions declined — base and fine-tuned encoder side by side (indexes built in memory)."""
+    from .build import known_questions_file
     from .evaluate import TRUST_VARIANTS, compare_trust
 
     paths = _paths()
+    if known is not None and no_known:
+        raise UsageError("--known-questions and --no-known-questions: give one of them")
     # defaults live under the home folder, like every command's default data files; given paths are taken as given
     test = questions if questions is not None else paths.data_dir / "trust_test.csv"
     calib = calibration if calibration is not None else paths.data_dir / "trust_calib.csv"
@@ -370,7 +381,11 @@ def evaluate_trust_cmd(
     if test.resolve() == calib.resolve():
         raise UsageError("--questions and --calibrate name the same file — calibrate on questions you do not test on")
     variants = None if all_variants else [list(TRUST_VARIANTS)[0], list(TRUST_VARIANTS)[-1]]
-    rows = compare_trust(test, calib, db, model, variants, paths)
+    known_file = known_questions_file(IndexConfig(db=db, known_questions=known, use_known=not no_known), paths)
+    for other, flag in ((test, "--questions"), (calib, "--calibrate")):
+        if known_file is not None and known_file.resolve() == other.resolve():
+            raise UsageError(f"--known-questions and {flag} name the same file — keep the known questions apart")
+    rows = compare_trust(test, calib, db, model, variants, paths, known_file)
     if as_json:
         typer.echo(json.dumps({"questions": str(test), "calibration": str(calib), "rows": [r.to_dict() for r in rows]}))
         return
@@ -379,12 +394,12 @@ def evaluate_trust_cmd(
         f"{test}: {o.in_kb} in-KB, {o.near_miss} near-miss, {o.unrelated} unrelated questions; fitted on {calib}"
     )
     heads = ("right", "wrong", "declined", "near-miss", "unrelated", "R@1")
-    typer.echo(f"{'encoder':<11}{'decision':<34}" + "".join(f"{h:>10}" for h in heads) + f"{'cutoff':>9}")
+    typer.echo(f"{'encoder':<11}{'decision':<50}" + "".join(f"{h:>10}" for h in heads) + f"{'cutoff':>9}")
     for r in rows:
         o = r.outcomes
         cells = (o.right, o.wrong, o.declined, o.near_miss_declined, o.unrelated_declined, o.ranked_first)
         cut = f"{r.cutoff:.3f}" if r.cutoff is not None else "-"
-        typer.echo(f"{r.encoder:<11}{r.decision:<34}" + "".join(f"{c:>10.3f}" for c in cells) + f"{cut:>9}")
+        typer.echo(f"{r.encoder:<11}{r.decision:<50}" + "".join(f"{c:>10.3f}" for c in cells) + f"{cut:>9}")
     typer.echo(
         "(right/wrong/declined: shares of the in-KB questions; near-miss/unrelated: shares declined; R@1: in-KB "
         "questions whose best-scored entry is right, before the decline decision)"

@@ -160,6 +160,13 @@ class IndexConfig:
     calibrate: bool = knob(
         True, "Fit no decision model: search uses the cosine threshold alone.", flag="--no-calibrate", negate=True
     )
+    known_questions: Path | None = knob(
+        None,
+        "Labelled questions (question,kind,concept_id — or S-BERT pairs) kept in the index as extra match keys for "
+        f"the entry decision (default: {SBERT_TRAIN_DATA} for data/concepts.csv).",
+        flag="--known-questions",
+    )
+    use_known: bool = knob(True, "Keep no known questions in the index.", flag="--no-known-questions", negate=True)
 
     def __post_init__(self) -> None:
         check_finite(self)

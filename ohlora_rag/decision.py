@@ -8,7 +8,10 @@ candidate entry of a question from signals that are free with an exact index ove
 - its z-score against the question's cosines to the whole DB (mean and variance come from the entries' mean
   vector and covariance, so they cost O(d^2) per question at any DB size);
 - its BM25 score (raw, and as a share of the question's best BM25 score) and whether it is the BM25 top hit;
-- how much of the entry's name or aliases (the text before " : ") the question contains.
+- how much of the entry's name or aliases (the text before " : ") the question contains;
+- with known questions stored in the index (labelled questions, e.g. the encoder's training questions): the best
+  cosine to the candidate's own known questions (or its text, if higher), its gap to the best candidate's, and how
+  close the question lies to a known question that no entry answers.
 
 The best-scoring candidate goes into the prompt if its probability of being the right entry clears the cutoff
 chosen on a calibration split. The model is fitted by `fit_decision` and stored in the index manifest.
@@ -36,10 +39,14 @@ FEATURES = (
     "bm25_share",
     "bm25_top",
     "name",
+    "known",
+    "known_gap",
+    "unanswerable",
+    "known_margin",
 )
-#: Dense and lexical candidates per question (each side); the union is scored.
+#: Dense, lexical and known-question candidates per question (each side); the union is scored.
 CANDIDATES = 16
-DECISION_VERSION = 1
+DECISION_VERSION = 2
 
 
 @dataclass
@@ -53,6 +60,8 @@ class Signals:
     mu: float  # mean cosine of the question over the whole DB
     sigma: float  # standard deviation of those cosines
     bm25_max: float  # the question's best BM25 score over the whole DB
+    known: np.ndarray | None = None  # best cosine to each candidate's known questions or its text; None: no keys
+    unanswerable: float = 0.0  # best cosine to a known question no entry answers (0 without such questions)
 
     def features(self) -> np.ndarray:
         """float64 (c, len(FEATURES))."""
@@ -65,6 +74,8 @@ class Signals:
         bm = self.bm25.astype(np.float64)
         share = bm / self.bm25_max if self.bm25_max > 0 else np.zeros_like(bm)
         top = (bm >= self.bm25_max) & (self.bm25_max > 0)
+        known = cos if self.known is None else np.maximum(self.known.astype(np.float64), cos)
+        known_best = float(known.max()) if len(known) else 0.0
         columns = [
             cos,
             cos - best,
@@ -76,6 +87,10 @@ class Signals:
             share,
             top.astype(np.float64),
             self.name.astype(np.float64),
+            known,
+            known - known_best,
+            np.full_like(cos, self.unanswerable),
+            np.full_like(cos, known_best - self.unanswerable),
         ]
         return np.stack(columns, axis=1)
 

@@ -291,7 +291,8 @@ TRUST_VARIANTS: dict[str, tuple[str, ...] | None] = {
     "cosine + margin + z-score": ("cosine", "top_gap", "margin", "z", "cos_max", "z_max"),
     "BM25 alone": ("bm25", "bm25_share", "bm25_top"),
     "dense + BM25": ("cosine", "top_gap", "margin", "z", "cos_max", "z_max", "bm25", "bm25_share", "bm25_top"),
-    "dense + BM25 + names (default)": FEATURES,
+    "dense + BM25 + names": FEATURES[: FEATURES.index("name") + 1],
+    "dense + BM25 + names + known questions (default)": FEATURES,
 }
 
 
@@ -328,14 +329,16 @@ def compare_trust(
     model: str | None = None,
     variants: Sequence[str] | None = None,
     paths: Paths | None = None,
+    known: Path | None = None,
 ) -> list[TrustRow]:
     """Which entry, or none, each decision puts into the prompt for the questions of `test_file`, fitted on
-    `calibration` — for the base encoder and the fine-tuned one (`model`, else models/sbert/ when trained).
+    `calibration` — for the base encoder and the fine-tuned one (`model`, else models/sbert/ when trained), with
+    the labelled questions of `known` as the index's known questions.
 
     Nothing on disk changes: each encoder's index is built in memory.
     """
-    from .build import in_memory_index
-    from .config import FALLBACK_THRESHOLD, Paths
+    from .build import in_memory_index, known_questions
+    from .config import ENCODE_BATCH, FALLBACK_THRESHOLD, Paths
     from .data import load_concepts, load_labelled_questions
     from .retriever import Retriever
 
@@ -343,13 +346,16 @@ def compare_trust(
     concepts = load_concepts(db)
     test, calib = load_labelled_questions(test_file), load_labelled_questions(calibration)
     test_gold, calib_gold = test.positions(concepts), calib.positions(concepts)
+    known_labelled = load_labelled_questions(known) if known is not None else None
     names = list(variants) if variants else list(TRUST_VARIANTS)
     rows = []
     for name, ref in encoder_refs(model, paths).items():
         encoder = Encoder(ref)
-        stored = in_memory_index(concepts, encoder, 64, False)
+        stored = in_memory_index(concepts, encoder, ENCODE_BATCH, False)
+        if known_labelled is not None:
+            stored.known = known_questions(known_labelled, concepts, encoder, ENCODE_BATCH)
         retriever = Retriever(stored, encoder, FALLBACK_THRESHOLD)
-        calib_sig = retriever.signals(calib.questions)
+        calib_sig = retriever.signals(calib.questions, skip_own=True)  # as build-index fits it
         test_sig = retriever.signals(test.questions)
         for variant in names:
             use = TRUST_VARIANTS[variant]

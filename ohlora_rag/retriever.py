@@ -113,6 +113,7 @@ class Retriever:
         self._recent: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
         self._typical_mean: float | None = None
+        self._known_index: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def load(cls, config: SearchConfig | None = None, paths: Paths | None = None) -> Retriever:
@@ -196,12 +197,17 @@ class Retriever:
             results.append(SearchResult(question, hits, None, seconds, self.decision.cutoff))
         return results
 
-    def signals(self, questions: Sequence[str], vectors: np.ndarray | None = None) -> list[Signals]:
-        """Each question's candidates — its dense top entries and its BM25 top entries — with their signals.
+    def signals(
+        self, questions: Sequence[str], vectors: np.ndarray | None = None, skip_own: bool = False
+    ) -> list[Signals]:
+        """Each question's candidates — its dense top entries, its BM25 top entries and the entries of its nearest
+        known questions — with their signals.
 
         Args:
             questions: the questions as asked.
             vectors: their query vectors, float32 (nq, d); None encodes them with this retriever's encoder.
+            skip_own: ignore a known question identical to the question itself (fitting the decision on the very
+                questions the index holds as known questions, each must be scored as if it were new).
         """
         if vectors is None:
             vectors = self.encoder.encode_queries(list(questions))
@@ -212,6 +218,8 @@ class Retriever:
         k = min(n, CANDIDATES)
         dense_scores, dense_positions = stored.search(vectors, k)  # (nq, k) each
         mu, sigma = stored.stats.mu_sigma(vectors)  # (nq,) each
+        known = stored.known
+        known_scores = None if known is None else vectors @ known.vectors.T  # (nq, m)
         out = []
         for i, question in enumerate(questions):
             bm = stored.lexical.scores(question)  # (n,)
@@ -219,6 +227,21 @@ class Retriever:
             dense = [int(p) for p in dense_positions[i] if p >= 0]
             seen = set(dense)
             extra = [int(p) for p in lexical if bm[p] > 0 and int(p) not in seen]
+            seen.update(extra)
+            best: dict[int, float] = {}  # entry position -> best cosine to its known questions
+            unanswerable = 0.0
+            if known is not None and known_scores is not None:
+                row = known_scores[i].astype(np.float64)
+                if skip_own:
+                    row = np.where(known.questions == question, -1.0, row)
+                answered = known.positions >= 0
+                unanswerable = max(float(row[~answered].max(initial=0.0)), 0.0)
+                entries, inverse = self._known_entries()
+                per_entry = np.full(len(entries), -1.0)
+                np.maximum.at(per_entry, inverse, row[answered])
+                best = dict(zip(entries.tolist(), per_entry.tolist()))
+                top = np.argsort(-per_entry, kind="stable")[:k]
+                extra += [p for p in entries[top].tolist() if p not in seen]
             positions = np.asarray(dense + extra, dtype=np.int64)
             cosine = np.concatenate(
                 [dense_scores[i][: len(dense)], stored.vectors.vectors_at(np.asarray(extra)) @ vectors[i]]
@@ -226,8 +249,31 @@ class Retriever:
             stored.check_cosines(cosine)
             words = set(tokenize(question))
             name = np.asarray([self._name_match(words, int(p)) for p in positions], dtype=np.float64)
-            out.append(Signals(positions, cosine, bm[positions], name, float(mu[i]), float(sigma[i]), float(bm.max())))
+            near = None if known is None else np.asarray([best.get(int(p), -1.0) for p in positions])
+            out.append(
+                Signals(
+                    positions,
+                    cosine,
+                    bm[positions],
+                    name,
+                    float(mu[i]),
+                    float(sigma[i]),
+                    float(bm.max()),
+                    near,
+                    unanswerable,
+                )
+            )
         return out
+
+    def _known_entries(self) -> tuple[np.ndarray, np.ndarray]:
+        """The entries that have known questions (positions, sorted) and, per answered known question, the index of
+        its entry among them; computed once per index."""
+        if self._known_index is None:
+            assert self.stored.known is not None
+            positions = self.stored.known.positions
+            entries, inverse = np.unique(positions[positions >= 0], return_inverse=True)
+            self._known_index = (entries.astype(np.int64), inverse.reshape(-1))
+        return self._known_index
 
     def relatedness(self, question: str, position: int) -> tuple[float, float]:
         """How the question relates to one entry and to the DB as a whole.

@@ -1,7 +1,8 @@
 """The Faiss store: an exact inner-product index over L2-normalised vectors, its entries and its manifest.
 
 On disk an index is a folder holding `CURRENT` (the name of the active build) and one `build-*` folder per build
-with `faiss.index`, `entries.parquet`, `score_stats.npz`, `bm25/` and `manifest.json`. A build is written completely
+with `faiss.index`, `entries.parquet`, `score_stats.npz`, `bm25/`, `known_questions.npz` (when built with known
+questions) and `manifest.json`. A build is written completely
 into a fresh staging folder and only then published by atomically replacing `CURRENT`, so a failed or killed build
 leaves the previous index loadable. Publishing (rename, `CURRENT`, removing older builds) holds the lock file
 `index/.lock`, so concurrent builds take turns and never remove the published build or each other's staging
@@ -43,6 +44,7 @@ FAISS_FILE = "faiss.index"
 ENTRIES_FILE = "entries.parquet"
 MANIFEST_FILE = "manifest.json"
 STATS_FILE = "score_stats.npz"
+KEYS_FILE = "known_questions.npz"
 #: What `CURRENT` may hold: a build folder's plain name (no path separators; ".." is refused separately).
 _BUILD_NAME = re.compile(r"build-[A-Za-z0-9._-]{1,200}")
 #: Files up to this size are checked against their sha256 at every load (the project's 160 x 384 index: ~1.5 MB, ~1 ms);
@@ -80,6 +82,8 @@ class Manifest:
     """The fitted entry decision (decision.DecisionModel as a dict); None means the cosine threshold alone."""
     lexical: bool = False
     """The build holds a BM25 index of the entries and the entries' score statistics (hybrid retrieval)."""
+    known_questions: int = 0
+    """How many labelled questions the build holds as extra match keys (`known_questions.npz`); 0: none."""
     files: dict[str, dict[str, Any]] | None = None
     """Every file of the build but the manifest: relative name -> {"size": bytes, "sha256": hex}. None in builds
     made before checksums were recorded (loaded unchecked)."""
@@ -110,6 +114,7 @@ _MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "threshold": (int, float, type(None)),
     "decision": (dict, type(None)),
     "lexical": (bool,),
+    "known_questions": (int,),
     "files": (dict, type(None)),
     "format_version": (int,),
     "created": (str,),
@@ -272,6 +277,28 @@ class ScoreStats:
 
 
 @dataclass
+class KnownQuestions:
+    """Labelled questions stored with an index as extra match keys: a new wording of a question someone already
+    asked lies closer to that question than to the entry's text. Position -1: a question no entry answers."""
+
+    vectors: np.ndarray  # float32 (m, d), unit rows (query side)
+    positions: np.ndarray  # int64 (m,)
+    questions: np.ndarray  # str (m,)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def save(self, path: Path) -> None:
+        with path.open("wb") as fh:
+            np.savez(fh, vectors=self.vectors, positions=self.positions, questions=self.questions)
+
+    @classmethod
+    def load(cls, path: Path) -> KnownQuestions:
+        with np.load(path) as data:  # no pickles: the questions are a fixed-width unicode array
+            return cls(data["vectors"], data["positions"].astype(np.int64), data["questions"])
+
+
+@dataclass
 class StoredIndex:
     """A loaded index folder: vectors, entries table and manifest."""
 
@@ -281,6 +308,7 @@ class StoredIndex:
     manifest: Manifest
     lexical: LexicalIndex | None = None
     stats: ScoreStats | None = None
+    known: KnownQuestions | None = None
 
     def entry(self, position: int) -> dict[str, Any]:
         return {name: self.entries.column(name)[position].as_py() for name in self.entries.column_names}
@@ -383,6 +411,7 @@ def _load_build(index_dir: Path, name: str) -> StoredIndex:
         entries = pq.ParquetFile(build / ENTRIES_FILE).read()  # not read_table, which imports pandas (0.25 s)
         lexical = LexicalIndex.load(build) if manifest.lexical else None
         stats = ScoreStats.load(build / STATS_FILE) if manifest.lexical else None
+        known = KnownQuestions.load(build / KEYS_FILE) if manifest.known_questions else None
     except (RuntimeError, OSError, ValueError, KeyError, pa.ArrowException) as exc:
         raise _damaged(index_dir, _first_line(exc)) from None
     if vectors.ntotal != manifest.count or entries.num_rows != manifest.count or vectors.dim != manifest.dim:
@@ -390,7 +419,17 @@ def _load_build(index_dir: Path, name: str) -> StoredIndex:
             f"index at {index_dir} is inconsistent (manifest {manifest.count} entries, Faiss {vectors.ntotal}, "
             f"table {entries.num_rows}) — run `ohlora-rag build-index`"
         )
-    return StoredIndex(build, vectors, entries, manifest, lexical, stats)
+    if known is not None and (
+        len(known) != manifest.known_questions
+        or known.vectors.shape != (len(known), manifest.dim)
+        or int(known.positions.max(initial=-1)) >= manifest.count
+        or int(known.positions.min(initial=-1)) < -1
+    ):
+        raise IndexNotFoundError(
+            f"index at {index_dir} is inconsistent (its known questions do not fit its entries) — run "
+            "`ohlora-rag build-index`"
+        )
+    return StoredIndex(build, vectors, entries, manifest, lexical, stats, known)
 
 
 def _verify_files(index_dir: Path, build: Path, manifest: Manifest) -> None:
@@ -399,6 +438,7 @@ def _verify_files(index_dir: Path, build: Path, manifest: Manifest) -> None:
     if files is None:
         return  # a build made before checksums were recorded
     needed = [FAISS_FILE, ENTRIES_FILE] + ([STATS_FILE, f"{LEXICAL_DIR}/"] if manifest.lexical else [])
+    needed += [KEYS_FILE] if manifest.known_questions else []
     for want in needed:
         if not any(name == want or (want.endswith("/") and name.startswith(want)) for name in files):
             raise _damaged(index_dir, f"the manifest of {build.name} lists no {want}")
@@ -449,6 +489,7 @@ def write_index(
     manifest: Manifest,
     lexical: LexicalIndex | None = None,
     stats: ScoreStats | None = None,
+    known: KnownQuestions | None = None,
 ) -> Path:
     """Write a complete build folder with each file's size and sha256 in its manifest, then publish it by
     atomically replacing `CURRENT`.
@@ -483,6 +524,10 @@ def write_index(
                 lexical.save(staging)
                 stats.save(staging / STATS_FILE)
                 names += [STATS_FILE, *(f"{LEXICAL_DIR}/{p.name}" for p in sorted((staging / LEXICAL_DIR).iterdir()))]
+            if known is not None:
+                known.save(staging / KEYS_FILE)
+                names.append(KEYS_FILE)
+                manifest = replace(manifest, known_questions=len(known))
             written = replace(manifest, files={name: file_record(staging / name) for name in names})
             write_json(staging / MANIFEST_FILE, asdict(written))
     except (OSError, RuntimeError) as exc:  # Faiss reports a failed write as RuntimeError

@@ -35,6 +35,7 @@ CONFIGS: dict[str, list[type]] = {
     "evaluate-conversations": [AskConfig],
     "train-sbert": [SbertTrainConfig],
     "train-llm": [LlmTrainConfig],
+    "evaluate-trust": [IndexConfig],
 }
 #: Options that are not settings: what a command reads or measures, and how it prints.
 NOT_SETTINGS: dict[str, set[str]] = {

@@ -15,8 +15,9 @@ from ohlora_rag.cli import app
 from ohlora_rag.data import load_labelled_questions
 from ohlora_rag.decision import FEATURES, DecisionModel, Signals, fit_decision, outcomes
 from ohlora_rag.errors import DataFormatError
+from ohlora_rag.evaluate import TRUST_VARIANTS
 from ohlora_rag.lexical import LexicalIndex, entry_names, tokenize
-from ohlora_rag.store import ScoreStats
+from ohlora_rag.store import ScoreStats, load_index
 
 runner = CliRunner()
 
@@ -251,6 +252,72 @@ def test_calibrate_and_no_calibrate_conflict(home: Path) -> None:
     assert result.exit_code == 2 and "--calibrate and --no-calibrate: give one of them" in result.stderr
 
 
+KNOWN = [
+    ["how do i stop my net memorising the training set", "in_kb", "dropout"],
+    ["the optimizer with per-parameter step sizes", "in_kb", "adam"],
+    ["what is a gan", "near_miss", ""],
+]
+
+
+def _known_search(question: str) -> tuple[Signals, list[str]]:
+    from ohlora_rag.retriever import Retriever
+
+    retriever = Retriever.load()
+    ids = [retriever.stored.entry(i)["id"] for i in range(retriever.stored.vectors.ntotal)]
+    return retriever.signals([question])[0], ids
+
+
+def test_known_questions_are_stored_and_match_their_entries(home: Path) -> None:
+    _write(home / "data" / "trust_calib.csv", ["question", "kind", "concept_id"], CALIB)
+    known = _write(home / "known.csv", ["question", "kind", "concept_id"], KNOWN)
+    built = runner.invoke(app, ["build-index", "-q", "--known-questions", str(known)])
+    assert built.exit_code == 0, built.output
+    stored = load_index(home / "index")
+    assert stored.manifest.known_questions == 3 and "known_questions.npz" in (stored.manifest.files or {})
+    assert stored.known is not None and stored.known.positions.tolist()[2] == -1
+    # asked again word for word, a known question is its entry's best match at cosine 1
+    sig, ids = _known_search(KNOWN[0][0])
+    feats = sig.features()
+    at = int(np.flatnonzero(sig.positions == ids.index("dropout"))[0])
+    assert feats[at, FEATURES.index("known")] == pytest.approx(1.0, abs=1e-5)
+    assert feats[at, FEATURES.index("known_gap")] == pytest.approx(0.0, abs=1e-6)
+    # asked word for word, the near-miss question is as close as can be to "no entry answers this"
+    sig, _ = _known_search(KNOWN[2][0])
+    assert sig.unanswerable == pytest.approx(1.0, abs=1e-5)
+    # fitting on questions the index holds, each is scored as new: its own key is skipped
+    from ohlora_rag.retriever import Retriever
+
+    skipped = Retriever.load().signals([KNOWN[0][0]], skip_own=True)[0]
+    assert skipped.known is not None and float(skipped.known.max()) < 0.999
+
+
+def test_known_questions_without_the_file_and_with_the_off_switch(home: Path) -> None:
+    _write(home / "data" / "trust_calib.csv", ["question", "kind", "concept_id"], CALIB)
+    assert runner.invoke(app, ["build-index", "-q"]).exit_code == 0  # no data/sbert_train.csv: no known questions
+    assert load_index(home / "index").known is None
+    _write(home / "data" / "sbert_train.csv", ["question", "kind", "concept_id"], KNOWN)  # the default file
+    assert runner.invoke(app, ["build-index", "-q"]).exit_code == 0
+    assert load_index(home / "index").manifest.known_questions == 3
+    assert runner.invoke(app, ["build-index", "-q", "--no-known-questions"]).exit_code == 0
+    assert load_index(home / "index").known is None
+    result = runner.invoke(app, ["build-index", "--known-questions", "x.csv", "--no-known-questions"])
+    assert result.exit_code == 2 and "--known-questions and --no-known-questions: give one of them" in result.stderr
+
+
+def test_a_damaged_known_questions_file_is_refused(home: Path) -> None:
+    from ohlora_rag.errors import IndexNotFoundError
+
+    known = _write(home / "known.csv", ["question", "kind", "concept_id"], KNOWN)
+    assert runner.invoke(app, ["build-index", "-q", "--known-questions", str(known)]).exit_code == 0
+    stored = load_index(home / "index")
+    path = stored.folder / "known_questions.npz"
+    data = bytearray(path.read_bytes())
+    data[-40] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(IndexNotFoundError, match="known_questions.npz does not match the sha256"):
+        load_index(home / "index")
+
+
 def test_evaluate_trust_reports_each_decision(home: Path) -> None:
     _write(home / "data" / "trust_calib.csv", ["question", "kind", "concept_id"], CALIB)
     _write(home / "data" / "trust_test.csv", ["question", "kind", "concept_id"], CALIB[::-1])
@@ -260,7 +327,7 @@ def test_evaluate_trust_reports_each_decision(home: Path) -> None:
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["rows"]
     # the tiny encoder is its own base here: one encoder, every variant
-    assert [r["decision"] for r in rows][0] == "cosine >= 0.5 (seed rule)" and len(rows) == 6
+    assert [r["decision"] for r in rows][0] == "cosine >= 0.5 (seed rule)" and len(rows) == len(TRUST_VARIANTS)
     for r in rows:
         assert r["right"] + r["wrong"] + r["declined"] == pytest.approx(1.0)
         assert (r["in_kb"], r["near_miss"], r["unrelated"]) == (9, 1, 2)
@@ -280,6 +347,12 @@ def test_evaluate_trust_refuses_testing_on_the_calibration_file(home: Path) -> N
         (["build-index", "-q", "--calibrate", "missing.csv"], "labelled questions file missing.csv not found"),
         (["build-index", "-q", "--calibrate", "{pairs_like}"], "missing column 'kind', 'concept_id'"),
         (["evaluate-trust", "--questions", "missing.csv"], "labelled questions file missing.csv not found"),
+        (["build-index", "-q", "--known-questions", "missing.csv"], "labelled questions file missing.csv not found"),
+        (["build-index", "-q", "--known-questions", "{unknown}"], "names 'xgboost', which is not in the concept DB"),
+        (
+            ["evaluate-trust", "--questions", "{test}", "--known-questions", "missing.csv"],
+            "labelled questions file missing.csv not found",
+        ),
         (["train-llm", "--data", "{sft}", "--data", "missing.csv"], "SFT file missing.csv not found"),
         (["evaluate-answers", "--data", "missing.csv"], "missing.csv not found — check the path"),
     ],
@@ -290,6 +363,10 @@ def test_bad_files_for_the_new_options(home: Path, args: list[str], message: str
     current = (home / "index" / "CURRENT").read_text()
     files = {
         "pairs_like": str(_write(home / "q.csv", ["question", "answer"], [["a", "b"]])),
+        "test": str(_write(home / "t.csv", ["question", "kind", "concept_id"], CALIB[::-1])),
+        "unknown": str(
+            _write(home / "k.csv", ["question", "kind", "concept_id"], [["what is xgboost", "in_kb", "xgboost"]])
+        ),
         "sft": str(
             _write(home / "s.csv", ["user_question", "rag_retrieved_data", "output_message"], [["q", "", "no"]])
         ),
