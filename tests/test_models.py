@@ -55,3 +55,34 @@ def test_manifest_caches_fingerprint(tiny_sbert: Path) -> None:
 def test_choose_encoder_prefers_trained_sbert(home: Path) -> None:
     paths = Paths.resolve()
     assert choose_encoder(None, paths).path == paths.sbert_dir
+
+
+def test_a_shipped_model_is_converted_again_when_its_file_or_sidecar_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ohlora_rag.models import Builtin, ensure_builtin
+
+    package = tmp_path / "site" / "shipped_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "weights.bin").write_bytes(b"v1")
+    (package / "settings.json").write_text("{}")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    calls: list[bytes] = []
+
+    def convert(src: Path, dst: Path, _paths: Paths) -> None:
+        calls.append(src.read_bytes())
+        dst.mkdir(parents=True, exist_ok=True)
+
+    shipped = Builtin(
+        "shipped", "encoder", "shipped_pkg", "weights.bin", "pip install x", convert, True, ("settings.json",)
+    )
+    paths = Paths(tmp_path / "home")
+    ensure_builtin(shipped, paths)
+    ensure_builtin(shipped, paths)
+    assert calls == [b"v1"]  # converted once, then reused
+    (package / "settings.json").write_text('{"max": 64}')
+    ensure_builtin(shipped, paths)
+    (package / "weights.bin").write_bytes(b"v2")
+    ensure_builtin(shipped, paths)
+    assert calls == [b"v1", b"v1", b"v2"]

@@ -55,8 +55,24 @@ def test_export_then_convert_reproduces_the_trained_encoder(tiny_sbert: Path, tm
     assert set(want) == set(got)
     for k in want:
         assert got[k].dtype == torch.float32
-        torch.testing.assert_close(got[k], want[k], atol=2e-3, rtol=1e-3)  # float16 rounding of the shipped tensors
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0)  # differences ship in float16: ~exact
     assert json.loads((out / ADAPTER_DIR / "ohlora_model.json").read_text())["template"] == "chat"
+    # the sequence limit it was trained with travels too
+    limit = json.loads((trained / "tokenizer_config.json").read_text()).get("model_max_length")
+    assert json.loads((rebuilt / "tokenizer_config.json").read_text())["model_max_length"] == limit
+
+
+def test_a_first_format_file_holds_the_tensors_themselves(tiny_sbert: Path, tmp_path: Path) -> None:
+    trained, adapter = _fake_trained(tiny_sbert, tmp_path)
+    out = tmp_path / "tutor"
+    export(trained, adapter, tiny_sbert, out)
+    want = load_file(str(trained / "model.safetensors"))
+    absolute = {k: want[k].to(torch.float16) for k in load_file(str(out / ENCODER_FILE))}
+    save_file(absolute, str(out / ENCODER_FILE), metadata={"format": "pt"})  # no "delta" mark
+    convert_encoder(out / ENCODER_FILE, tmp_path / "old", tiny_sbert)
+    got = load_file(str(tmp_path / "old" / "model.safetensors"))
+    for k in absolute:
+        torch.testing.assert_close(got[k], want[k], atol=2e-3, rtol=1e-3)
 
 
 def test_export_refuses_folders_that_training_did_not_write(tiny_sbert: Path, tmp_path: Path) -> None:

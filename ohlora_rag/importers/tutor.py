@@ -1,9 +1,11 @@
 """The tutor's trained parts that ship inside the package (`ohlora_rag/tutor/`), so a fresh install answers with a
 trained retriever and LLM without a training run:
 
-- `encoder_top.safetensors`: the tensors `train-sbert --freeze-layers 9` changes (the top 3 of multilingual-e5-small's
-  12 layers), float16; `convert_encoder` lays them over the converted base encoder into a normal
-  sentence-transformers folder (built-in alias `ohlora-tutor-e5`);
+- `encoder_top.safetensors`: what `train-sbert --freeze-layers 9` changed in the top 3 of multilingual-e5-small's 12
+  layers, as float16 differences from the base weights (a difference is ~1000x smaller than the weight, so float16
+  keeps it to ~1e-7 where float16 weights would be off by ~1e-4 and move cosines by ~1e-3); `convert_encoder` adds
+  them to the converted base encoder and writes a normal sentence-transformers folder (built-in alias
+  `ohlora-tutor-e5`). A file without the `delta` mark holds the tensors themselves (the first shipped format);
 - `adapter/`: the LoRA adapter of `train-llm --lora-r 8` (float16), used as it is by `ask`.
 
 `export` writes both from a `train-sbert` and a `train-llm` output (see the Makefile's `tutor` target), with a
@@ -28,7 +30,8 @@ _SETTINGS = ("sentence_bert_config.json", "config_sentence_transformers.json")
 
 
 def convert_encoder(top_file: Path, out_dir: Path, base_dir: Path) -> dict[str, object]:
-    """Copy the base encoder folder and overwrite the tensors stored in `top_file` (cast to the base's dtype).
+    """Copy the base encoder folder and replace the tensors stored in `top_file`: base + difference (a file marked
+    `delta`), else the stored tensor itself, in the base's dtype.
 
     Args:
         top_file: the shipped `encoder_top.safetensors`.
@@ -38,25 +41,35 @@ def convert_encoder(top_file: Path, out_dir: Path, base_dir: Path) -> dict[str, 
     Returns:
         Manifest fields for the new folder: its base, and the threshold train-sbert calibrated.
     """
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(base_dir, out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MODEL_MANIFEST))
     weights = load_file(str(base_dir / "model.safetensors"))
     top = load_file(str(top_file))
+    with safe_open(str(top_file), "pt") as fh:
+        delta = (fh.metadata() or {}).get("delta") == "1"
     unknown = sorted(set(top) - set(weights))
     if unknown:
         raise ModelImportError(f"{top_file}: tensors {', '.join(unknown[:3])} are not in the base encoder {base_dir}")
     for name, tensor in top.items():
-        weights[name] = tensor.to(weights[name].dtype)
+        base = weights[name]
+        weights[name] = (base.float() + tensor.float()).to(base.dtype) if delta else tensor.to(base.dtype)
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     record = json.loads((top_file.parent / ENCODER_MANIFEST).read_text(encoding="utf-8"))
     for name, content in record.get("settings", {}).items():
         (out_dir / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    limit = record.get("max_seq_length")
+    if isinstance(limit, int) and limit > 0:  # the sequence limit it was trained with (train-sbert's --max-seq-length)
+        tokenizer_config = out_dir / "tokenizer_config.json"
+        settings = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+        tokenizer_config.write_text(json.dumps({**settings, "model_max_length": limit}, indent=2) + "\n", "utf-8")
     return {"base": record.get("base"), "threshold": record.get("threshold"), "made_by": record.get("made_by")}
 
 
 def export_encoder(encoder_dir: Path, base_encoder_dir: Path, out: Path = TUTOR_DIR) -> None:
-    """Write the tensors a `train-sbert` run changed (float16) and its settings and manifest into `out`.
+    """Write what a `train-sbert` run changed (float16 differences from the base) and its settings and manifest into
+    `out`.
 
     Args:
         encoder_dir: a `train-sbert` output (fine-tuned from multilingual-e5-small).
@@ -72,12 +85,18 @@ def export_encoder(encoder_dir: Path, base_encoder_dir: Path, out: Path = TUTOR_
         raise UsageError(f"export: {encoder_dir} is not a train-sbert output (no encoder manifest)")
     tuned = load_file(str(encoder_dir / "model.safetensors"))
     base = load_file(str(base_encoder_dir / "model.safetensors"))
-    changed = {k: v.to(torch.float16).contiguous() for k, v in tuned.items() if not torch.equal(v, base[k])}
+    changed = {
+        k: (v.float() - base[k].float()).to(torch.float16).contiguous()
+        for k, v in tuned.items()
+        if not torch.equal(v, base[k])
+    }
     out.mkdir(parents=True, exist_ok=True)
-    save_file(changed, str(out / ENCODER_FILE), metadata={"format": "pt"})
+    save_file(changed, str(out / ENCODER_FILE), metadata={"format": "pt", "delta": "1"})
     settings = {n: json.loads((encoder_dir / n).read_text(encoding="utf-8")) for n in _SETTINGS}
+    tokenizer = json.loads((encoder_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    limit = settings["sentence_bert_config.json"].get("max_seq_length") or tokenizer.get("model_max_length")
     keep = ("base", "data", "data_hash", "seed", "threshold", "config", "metrics")
-    record = {"made_by": "ohlora-rag train-sbert", **{k: manifest.get(k) for k in keep}}
+    record = {"made_by": "ohlora-rag train-sbert", **{k: manifest.get(k) for k in keep}, "max_seq_length": limit}
     write_json(out / ENCODER_MANIFEST, {**record, "tensors": sorted(changed), "settings": settings})
 
 
