@@ -10,7 +10,7 @@
     texts, against the dense search alone.
 
 (b) measures both decisions: the cosine threshold and the fitted model (calibrated on data/trust_calib.csv for
-data/concepts.csv, on the original pairs for the original DB).
+data/concepts.csv, with its known questions, and on the original pairs for the original DB).
 
 Run: `python bench/retrieval.py [--home DIR] [--skip-encoder] [--sizes 100000,1000000]` (about 5 minutes here).
 """
@@ -135,11 +135,16 @@ def bench_seed_method(paths: object, db_path: Path) -> None:
     from ohlora_rag.config import IndexConfig, SearchConfig
     from ohlora_rag.retriever import Retriever
 
-    calibration = ROOT / "data" / "trust_calib.csv" if db_path.name == "concepts.csv" else SEED_PAIRS
-    build_index(IndexConfig(db=db_path, progress=False, calibration=calibration), paths)  # type: ignore[arg-type]
+    own = db_path.name == "concepts.csv"
+    calibration = ROOT / "data" / "trust_calib.csv" if own else SEED_PAIRS
+    known = ROOT / "data" / "sbert_train.csv" if own else None  # the project DB's default known questions
+    config = IndexConfig(db=db_path, progress=False, calibration=calibration, known_questions=known, use_known=own)
+    build_index(config, paths)  # type: ignore[arg-type]
     retriever = Retriever.load(SearchConfig(threshold=0.5), paths)  # type: ignore[arg-type]
     hybrid = Retriever.load(SearchConfig(), paths)  # type: ignore[arg-type]
     assert hybrid.decision is not None
+    unkeyed = Retriever.load(SearchConfig(), paths)  # type: ignore[arg-type]
+    unkeyed.stored.known = None  # the same decision path without the known-question scan
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(retriever.encoder.ref.path), device="cpu")  # the original's encoder object
@@ -164,9 +169,22 @@ def bench_seed_method(paths: object, db_path: Path) -> None:
         hybrid._recent.clear()
         return hybrid.search(question, 1).hits[0].position
 
+    def ours_unkeyed(question: str) -> int:
+        unkeyed._recent.clear()
+        return unkeyed.search(question, 1).hits[0].position
+
     seed_s = statistics.median([timed(lambda q=q: seed(q), repeat=1, warmup=0) for q in QUESTIONS[:3]])
-    ours_s = statistics.median([timed(lambda q=q: ours(q), repeat=5) for q in QUESTIONS])
-    hybrid_s = statistics.median([timed(lambda q=q: ours_hybrid(q), repeat=5) for q in QUESTIONS])
+    # round-robin over the three paths, so a slow minute of this machine weighs on each alike
+    samples: dict[str, list[float]] = {"ours": [], "hybrid": [], "unkeyed": []}
+    paths_ = {"ours": ours, "hybrid": ours_hybrid, "unkeyed": ours_unkeyed}
+    for q in QUESTIONS:
+        for fn in paths_.values():
+            fn(q)  # warm-up
+    for _ in range(5):
+        for q in QUESTIONS:
+            for name, fn in paths_.items():
+                samples[name].append(timed(lambda fn=fn, q=q: fn(q), repeat=1, warmup=0))
+    ours_s, hybrid_s, unkeyed_s = (statistics.median(samples[k]) for k in ("ours", "hybrid", "unkeyed"))
     agree = sum(seed(q) == ours(q) for q in QUESTIONS[:3])
     print(f"\n(b) per-question retrieval on {db_path.name} ({len(texts)} entries)")
     widths = [34, 12, 12, 8]
@@ -175,6 +193,18 @@ def bench_seed_method(paths: object, db_path: Path) -> None:
     print(row(["ohlora-rag, cosine threshold", f"{ours_s * 1e3:.1f}", "", f"{seed_s / ours_s:.1f}x"], widths))
     print(row(["ohlora-rag, entry decision model", f"{hybrid_s * 1e3:.1f}", "", f"{seed_s / hybrid_s:.1f}x"], widths))
     print(f"   decision model / threshold: {hybrid_s / ours_s:.2f}x")
+    vectors = hybrid.encoder.encode_queries(QUESTIONS)  # the decision's own work, without the encoder's
+    signals_s = timed(lambda: hybrid.signals(QUESTIONS, vectors), repeat=20) / len(QUESTIONS)
+    unkeyed_signals_s = timed(lambda: unkeyed.signals(QUESTIONS, vectors), repeat=20) / len(QUESTIONS)
+    print(
+        f"   decision signals alone: {signals_s * 1e3:.2f} ms/question ({unkeyed_signals_s * 1e3:.2f} without known "
+        "questions); the rest is encoding the question"
+    )
+    if hybrid.stored.known is not None:
+        n = len(hybrid.stored.known)
+        print(
+            f"   with {n} known questions / without: {hybrid_s * 1e3:.1f} / {unkeyed_s * 1e3:.1f} ms ({hybrid_s / unkeyed_s:.2f}x)"
+        )
     print(f"   same top entry on {agree}/3 questions")
 
 
@@ -306,7 +336,8 @@ def main() -> None:
                 (home / "models" / "sbert").symlink_to(ROOT / "models" / "sbert")
         dbs = [ROOT / "data" / "concepts.csv"] + ([SEED_DB] if SEED_DB.exists() else [])
         bench_encode(paths, dbs)
-        bench_seed_method(paths, SEED_DB if SEED_DB.exists() else dbs[0])
+        for db in dbs[::-1]:  # the original DB first (the seed's own numbers), then the project's with known questions
+            bench_seed_method(paths, db)
     bench_search([int(s) for s in args.sizes.split(",")])
     if args.hybrid_rows:
         bench_hybrid(args.hybrid_rows)
