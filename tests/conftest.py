@@ -7,9 +7,11 @@ import contextlib
 import csv
 import os
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -95,6 +97,22 @@ def tiny_sbert_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sbert(tiny_sbert_master: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny S-BERT folder."""
     return Path(shutil.copytree(tiny_sbert_master, tmp_path / "tiny-sbert"))
+
+
+def kill_when(proc: subprocess.Popen[bytes], ready: Callable[[], bool], poll: float, limit: float = 120) -> None:
+    """SIGKILL `proc` as soon as `ready()` holds; fail if it ends first or `limit` seconds pass. It is dead after."""
+    try:
+        deadline = time.time() + limit
+        while not ready():
+            if proc.poll() is not None:
+                raise AssertionError(f"the process ended before it could be killed: {proc.communicate()[1]!r}")
+            assert time.time() < deadline
+            time.sleep(poll)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def write_concepts(path: Path, rows: list[tuple[str, str, str]] = CONCEPTS) -> Path:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import faiss
@@ -21,6 +19,7 @@ from ohlora_rag.config import IndexConfig, Paths
 from ohlora_rag.errors import DataFormatError, IndexNotFoundError
 from ohlora_rag.models import fingerprint
 from ohlora_rag.store import VectorIndex, active_build, load_index
+from tests.conftest import kill_when
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -134,17 +133,7 @@ def test_killed_build_leaves_old_index_loadable(home: Path, tmp_path: Path) -> N
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ})
-    try:
-        deadline = time.time() + 120
-        while not marker.exists():
-            assert proc.poll() is None, "the build ended before it could be killed"
-            assert time.time() < deadline
-            time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when(proc, marker.exists, poll=0.1)
     assert any(p.name.startswith(".staging-") for p in paths.index_dir.iterdir())  # the half-written build
     after = load_index(paths.index_dir)
     assert after.folder == before.folder and after.manifest == before.manifest

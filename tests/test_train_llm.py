@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from ohlora_rag.data import load_sft
 from ohlora_rag.errors import DataFormatError
 from ohlora_rag.prompt import PromptBuilder
 from ohlora_rag.training.llm import PreflightError, preflight, train_llm
-from tests.conftest import CONCEPTS, write_sft
+from tests.conftest import CONCEPTS, kill_when, write_sft
 
 PRECISION = CONCEPTS[1][2]
 
@@ -220,17 +219,8 @@ def test_kill_9_during_train_llm_then_resume(tmp_path: Path, tiny_lm: Path) -> N
     command += ["--base-llm", str(tiny_lm), "--batch-size", "2", "-q"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([*command, "--epochs", "1000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 120
-        while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):  # written last: a complete checkpoint
-            assert proc.poll() is None, f"train-llm ended before it could be killed: {proc.communicate()[1]!r}"
-            assert time.time() < deadline
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # trainer_state.json is written last: a complete checkpoint
+    kill_when(proc, lambda: any(checkpoints.glob("checkpoint-*/trainer_state.json")), poll=0.02)
     assert proc.returncode == -signal.SIGKILL
     assert _hashes(out) == published  # nothing half-written in the published folder
     assert sorted(p.name for p in out.parent.iterdir()) == [".llm.lock", "llm", "llm.checkpoints"]
