@@ -38,9 +38,7 @@ def calibration_file(config: IndexConfig, paths: Paths) -> Path | None:
         return None
     if config.calibration is not None:
         return config.calibration
-    db = Path(config.db).resolve() if config.db else paths.default_db.resolve()
-    default = paths.data_dir / "trust_calib.csv"
-    return default if db == paths.default_db.resolve() and default.is_file() else None
+    return _own_db_default(config, paths, paths.data_dir / "trust_calib.csv")
 
 
 def known_questions_file(config: IndexConfig, paths: Paths) -> Path | None:
@@ -50,8 +48,12 @@ def known_questions_file(config: IndexConfig, paths: Paths) -> Path | None:
         return None
     if config.known_questions is not None:
         return config.known_questions
+    return _own_db_default(config, paths, paths.home / SBERT_TRAIN_DATA)
+
+
+def _own_db_default(config: IndexConfig, paths: Paths, default: Path) -> Path | None:
+    """`default` when the DB being indexed is the project's own (data/concepts.csv) and the file exists, else None."""
     db = Path(config.db).resolve() if config.db else paths.default_db.resolve()
-    default = paths.home / SBERT_TRAIN_DATA
     return default if db == paths.default_db.resolve() and default.is_file() else None
 
 

@@ -148,10 +148,6 @@ def build_index_cmd(
     """Encode the concept DB and publish an exact inner-product Faiss index (+ BM25, known questions) under index/."""
     from .build import build_index
 
-    if calibration is not None and no_calibrate:
-        raise UsageError("--calibrate and --no-calibrate: give one of them")
-    if known is not None and no_known:
-        raise UsageError("--known-questions and --no-known-questions: give one of them")
     config = IndexConfig(
         db=db,
         encoder=encoder,
@@ -372,8 +368,6 @@ def evaluate_trust_cmd(
     from .evaluate import TRUST_VARIANTS, compare_trust
 
     paths = _paths()
-    if known is not None and no_known:
-        raise UsageError("--known-questions and --no-known-questions: give one of them")
     # defaults live under the home folder, like every command's default data files; given paths are taken as given
     test = questions if questions is not None else paths.data_dir / "trust_test.csv"
     calib = calibration if calibration is not None else paths.data_dir / "trust_calib.csv"

@@ -172,6 +172,10 @@ class IndexConfig:
         check_finite(self)
         if self.batch_size < 1:
             raise UsageError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.calibration is not None and not self.calibrate:
+            raise UsageError("--calibrate and --no-calibrate: give one of them")
+        if self.known_questions is not None and not self.use_known:
+            raise UsageError("--known-questions and --no-known-questions: give one of them")
 
 
 @dataclass

@@ -73,8 +73,12 @@ def _plain(folder: Path) -> _Plain | None:
     if not (folder / "tokenizer.json").is_file() or pad is None:
         return None  # a slow (sentencepiece-only) tokenizer, or one that cannot pad: sentence-transformers handles it
     prompts = _read_json(folder / "config_sentence_transformers.json").get("prompts") or {}
-    limit = sbert.get("max_seq_length") or tokenizer.get("model_max_length", 512)
-    return _Plain(str(mode), {k: str(v) for k, v in prompts.items()}, int(limit), pad)
+    return _Plain(str(mode), {k: str(v) for k, v in prompts.items()}, sequence_limit(sbert, tokenizer), pad)
+
+
+def sequence_limit(sbert_config: dict[str, Any], tokenizer_config: dict[str, Any]) -> int:
+    """The token limit sentence-transformers encodes with: the folder's `max_seq_length`, else the tokenizer's."""
+    return int(sbert_config.get("max_seq_length") or tokenizer_config.get("model_max_length", 512))
 
 
 def _token(value: Any) -> str | None:

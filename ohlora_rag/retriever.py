@@ -113,7 +113,7 @@ class Retriever:
         self._recent: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
         self._typical_mean: float | None = None
-        self._known_index: tuple[np.ndarray, np.ndarray] | None = None
+        self._known_index: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def load(cls, config: SearchConfig | None = None, paths: Paths | None = None) -> Retriever:
@@ -234,9 +234,8 @@ class Retriever:
                 row = known_scores[i].astype(np.float64)
                 if skip_own:
                     row = np.where(known.questions == question, -1.0, row)
-                answered = known.positions >= 0
-                unanswerable = max(float(row[~answered].max(initial=0.0)), 0.0)
-                entries, inverse = self._known_entries()
+                entries, inverse, answered = self._known_entries()
+                unanswerable = float(row[~answered].max(initial=0.0))
                 per_entry = np.full(len(entries), -1.0)
                 np.maximum.at(per_entry, inverse, row[answered])
                 best = dict(zip(entries.tolist(), per_entry.tolist()))
@@ -265,14 +264,15 @@ class Retriever:
             )
         return out
 
-    def _known_entries(self) -> tuple[np.ndarray, np.ndarray]:
-        """The entries that have known questions (positions, sorted) and, per answered known question, the index of
-        its entry among them; computed once per index."""
+    def _known_entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The entries that have known questions (positions, sorted), per answered known question the index of its
+        entry among them, and which known questions an entry answers (bool, per known question); once per index."""
         if self._known_index is None:
             assert self.stored.known is not None
             positions = self.stored.known.positions
-            entries, inverse = np.unique(positions[positions >= 0], return_inverse=True)
-            self._known_index = (entries.astype(np.int64), inverse.reshape(-1))
+            answered = positions >= 0
+            entries, inverse = np.unique(positions[answered], return_inverse=True)
+            self._known_index = (entries.astype(np.int64), inverse.reshape(-1), answered)
         return self._known_index
 
     def relatedness(self, question: str, position: int) -> tuple[float, float]:

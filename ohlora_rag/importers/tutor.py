@@ -79,6 +79,8 @@ def export_encoder(encoder_dir: Path, base_encoder_dir: Path, out: Path = TUTOR_
     import torch
     from safetensors.torch import load_file, save_file
 
+    from ..encoder import sequence_limit
+
     read = ModelManifest.read(encoder_dir)
     manifest = read.to_dict() if read else {}
     if manifest.get("kind") != "encoder":
@@ -94,7 +96,7 @@ def export_encoder(encoder_dir: Path, base_encoder_dir: Path, out: Path = TUTOR_
     save_file(changed, str(out / ENCODER_FILE), metadata={"format": "pt", "delta": "1"})
     settings = {n: json.loads((encoder_dir / n).read_text(encoding="utf-8")) for n in _SETTINGS}
     tokenizer = json.loads((encoder_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-    limit = settings["sentence_bert_config.json"].get("max_seq_length") or tokenizer.get("model_max_length")
+    limit = sequence_limit(settings["sentence_bert_config.json"], tokenizer)
     keep = ("base", "data", "data_hash", "seed", "threshold", "config", "metrics")
     record = {"made_by": "ohlora-rag train-sbert", **{k: manifest.get(k) for k in keep}, "max_seq_length": limit}
     write_json(out / ENCODER_MANIFEST, {**record, "tensors": sorted(changed), "settings": settings})
