@@ -1,8 +1,10 @@
 """Cold starts: `ohlora-rag --help`, `search` and `ask` as new processes, against a bare script doing the same work
 with transformers alone, side by side, with ratios (generation against its memory floor: `bench/llm.py`).
 
-- `search`: the bare script imports torch + transformers + tokenizers, loads the same encoder folder with
-  `AutoModel`, encodes the question (mean pooling) and takes the best of the entry vectors with numpy;
+- `search`: two bare scripts. One runs what `search` runs since the encoder's ONNX copy (onnx_encoder): it imports
+  onnxruntime + tokenizers, opens the same exported graph and word-embedding table, encodes the question (mean
+  pooling) and takes the best of the entry vectors with numpy; the other does the same with torch + transformers
+  (`AutoModel` on the encoder folder), what `search` ran before;
 - `ask` (40 new tokens): the same, plus `AutoModelForCausalLM.from_pretrained` of the same weights `ask` loads
   (the merged model kept in `models/cache`, else the base) in the same dtype, and a greedy `generate`;
 
@@ -51,6 +53,24 @@ print(time.perf_counter() - start, best)
 """
 
 
+BARE_ORT = r"""
+import json, sys, time
+start = time.perf_counter()
+import numpy as np, onnxruntime as ort, tokenizers
+job = json.loads(sys.argv[1])
+tok = tokenizers.Tokenizer.from_file(job["encoder"] + "/tokenizer.json")
+session = ort.InferenceSession(job["onnx"] + "/model.onnx", providers=["CPUExecutionProvider"])
+table = np.load(job["onnx"] + "/word_embeddings.npy", mmap_mode="r")
+e = tok.encode("query: " + job["question"])
+ids = np.array([e.ids])
+hidden = session.run(None, {"inputs_embeds": np.ascontiguousarray(table[ids]), "attention_mask": np.ones_like(ids)})[0]
+q = hidden.mean(1)[0]
+q /= np.linalg.norm(q)
+best = int(np.argmax(np.load(job["vectors"]) @ q))
+print(time.perf_counter() - start, best)
+"""
+
+
 def stats(values: list[float]) -> str:
     return f"{min(values):6.2f} {statistics.median(values):6.2f} {max(values):6.2f}"
 
@@ -69,6 +89,7 @@ def main() -> None:
     from ohlora_rag.config import AskConfig, Paths
     from ohlora_rag.engine import QueryEngine
     from ohlora_rag.generator import merged_folder
+    from ohlora_rag.onnx_encoder import export_folder, ready
 
     exe = Path(sys.executable).with_name("ohlora-rag")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ohlora_rag"]
@@ -89,8 +110,13 @@ def main() -> None:
         vectors = Path(tmp) / "vectors.npy"
         stored = engine.retriever.stored.vectors
         np.save(vectors, stored.vectors_at(np.arange(stored.ntotal)))
+        encoder = engine.retriever.encoder
+        onnx = export_folder(Paths.resolve(ROOT).cache_dir, encoder.fingerprint)
+        if not ready(onnx, encoder.fingerprint):
+            sys.exit(f"no ONNX copy of the encoder at {onnx}: run `ohlora-rag build-index` first")
         job = {
-            "encoder": str(engine.retriever.encoder.ref.path),
+            "encoder": str(encoder.ref.path),
+            "onnx": str(onnx),
             "vectors": str(vectors),
             "question": QUESTION,
             "tokenizer": str(
@@ -108,8 +134,10 @@ def main() -> None:
         gens: list[float] = []
         helps = [wall([*cmd, "--help"], env)[0] for _ in range(args.repeat)]
         search_ours = [wall([*cmd, "search", QUESTION], env)[0] for _ in range(args.repeat)]
+        search_ort = [wall([sys.executable, "-c", BARE_ORT, json.dumps(job)], env)[0] for _ in range(args.repeat)]
         search_bare = [wall([*bare, json.dumps({**job, "llm": ""})], env)[0] for _ in range(args.repeat)]
-        rows["search"] = (search_ours, search_bare)
+        rows["search"] = (search_ours, search_ort)
+        rows["search (vs torch)"] = (search_ours, search_bare)
         ask_ours = []
         for _ in range(args.repeat):
             seconds, out = wall([*cmd, "ask", QUESTION, "--max-new-tokens", str(NEW_TOKENS), "--json"], env)
@@ -121,11 +149,15 @@ def main() -> None:
         rows["ask"] = (ask_ours, ask_bare)
 
     print(f"cold starts, {args.repeat} new processes each, seconds (min / median / max); LLM weights {dtype}")
-    print(f"{'':<32}{'ohlora-rag':>21}{'bare transformers':>22}{'ratio':>8}")
+    print(f"{'':<32}{'ohlora-rag':>21}{'bare library':>22}{'ratio':>8}")
     print(f"{'ohlora-rag --help':<32}{stats(helps):>21}")
     for name, (ours, plain) in rows.items():
         ratio = statistics.median(ours) / statistics.median(plain)
-        label = f"{name} ({NEW_TOKENS} new tokens)" if name == "ask" else name
+        label = {
+            "ask": f"ask ({NEW_TOKENS} new tokens) vs transformers",
+            "search": "search vs onnxruntime",
+            "search (vs torch)": "search vs transformers",
+        }[name]
         print(f"{label:<32}{stats(ours):>21}{stats(plain):>22}{ratio:>7.2f}x")
     tps = [NEW_TOKENS / g for g in gens]
     print(f"  ask: model loading {stats(loads)} s; generation {stats(tps)} tokens/s")

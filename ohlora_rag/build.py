@@ -29,6 +29,8 @@ class BuildReport:
     encode_seconds: float
     total_seconds: float
     decision: DecisionModel | None = None
+    onnx: str | None = None  # the encoder's ONNX copy (onnx_encoder), when written or already there
+    onnx_seconds: float = 0.0
 
 
 def calibration_file(config: IndexConfig, paths: Paths) -> Path | None:
@@ -128,7 +130,7 @@ def build_index(config: IndexConfig | None = None, paths: Paths | None = None) -
             checked.positions(db)  # every labelled entry must be in this DB: refuse before encoding
     check_writable(paths.index_dir)  # a read-only index/ fails now, not after minutes of encoding
     ref = choose_encoder(config.encoder, paths)
-    encoder = Encoder(ref)
+    encoder = Encoder(ref, runtime="torch")
     t0 = time.perf_counter()
     stored = in_memory_index(db, encoder, config.batch_size, config.progress)
     if known_labelled is not None:
@@ -143,6 +145,16 @@ def build_index(config: IndexConfig | None = None, paths: Paths | None = None) -
     folder = write_index(
         paths.index_dir, stored.vectors, stored.entries, manifest, stored.lexical, stored.stats, stored.known
     )
+    t1 = time.perf_counter()
+    onnx = encoder.export_copy(paths.cache_dir) if config.onnx else None
+    onnx_seconds = time.perf_counter() - t1
     return BuildReport(
-        manifest, str(folder), stored.vectors.on_gpu, encode_seconds, time.perf_counter() - start, decision
+        manifest,
+        str(folder),
+        stored.vectors.on_gpu,
+        encode_seconds,
+        time.perf_counter() - start,
+        decision,
+        str(onnx) if onnx else None,
+        onnx_seconds,
     )

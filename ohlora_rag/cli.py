@@ -143,6 +143,7 @@ def build_index_cmd(
     no_calibrate: Annotated[bool, option(IndexConfig, "calibrate")] = False,
     known: Annotated[Path | None, option(IndexConfig, "known_questions")] = None,
     no_known: Annotated[bool, option(IndexConfig, "use_known")] = False,
+    no_onnx: Annotated[bool, option(IndexConfig, "onnx")] = False,
     quiet: Annotated[bool, option(IndexConfig, "progress")] = False,
 ) -> None:
     """Encode the concept DB and publish an exact inner-product Faiss index (+ BM25, known questions) under index/."""
@@ -157,6 +158,7 @@ def build_index_cmd(
         calibrate=not no_calibrate,
         known_questions=known,
         use_known=not no_known,
+        onnx=not no_onnx,
     )
     report = build_index(config, _paths())
     m = report.manifest
@@ -172,6 +174,8 @@ def build_index_cmd(
             f"right entry {d['right']:.3f}, wrong {d['wrong']:.3f}, near-miss declined {d['near_miss_declined']:.3f}, "
             f"unrelated declined {d['unrelated_declined']:.3f}"
         )
+    if report.onnx is not None:
+        typer.echo(f"the encoder's ONNX copy for search and ask: {report.onnx} ({report.onnx_seconds:.1f}s)")
 
 
 @app.command("search", cls=_Command)

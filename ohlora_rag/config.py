@@ -124,6 +124,11 @@ class Paths:
         return self.models_dir / "base"
 
     @property
+    def cache_dir(self) -> Path:
+        """Derived copies made to load faster: the LLM merged with its adapter, the encoder's ONNX export."""
+        return self.models_dir / "cache"
+
+    @property
     def sbert_dir(self) -> Path:
         """`train-sbert` writes here; `build-index` prefers it over the base encoder."""
         return self.models_dir / "sbert"
@@ -167,6 +172,13 @@ class IndexConfig:
         flag="--known-questions",
     )
     use_known: bool = knob(True, "Keep no known questions in the index.", flag="--no-known-questions", negate=True)
+    onnx: bool = knob(
+        True,
+        "Write no ONNX copy of the encoder (models/cache/onnx-*, 470 MB for the default encoder), which cold `search` "
+        "and `ask` run instead of loading torch.",
+        flag="--no-onnx",
+        negate=True,
+    )
 
     def __post_init__(self) -> None:
         check_finite(self)

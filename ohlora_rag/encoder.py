@@ -95,17 +95,51 @@ class Encoder:
     `query: ` and `passage: `), and nothing otherwise.
     """
 
-    def __init__(self, ref: ModelRef, device: str | None = None) -> None:
-        quiet_transformers()
+    def __init__(
+        self, ref: ModelRef, device: str | None = None, cache: Path | None = None, runtime: str = "auto"
+    ) -> None:
+        """Args:
+            ref: the resolved model folder.
+            device: where torch runs it (default: CUDA when present, else the CPU).
+            cache: the models cache (models/cache): with `runtime="auto"`, the encoder's ONNX copy there is run by
+                onnxruntime instead of loading torch (see onnx_encoder); `export_copy` writes it.
+            runtime: "auto" (the ONNX copy when there is one and no device is asked for) or "torch".
+        """
         self.ref = ref
-        self.device = device or torch_device()
         self.model: Any = None  # the SentenceTransformer, for folders of another shape
+        self.transformer: Any = None  # the torch model of a plain folder
+        self.onnx: Any = None  # its ONNX Runtime copy, when that serves instead
         with loading(ref, "encoder"):
             plain = _plain(ref.path)
+            if plain is not None and runtime == "auto" and device in (None, "cpu") and cache is not None:
+                from . import onnx_encoder
+
+                self.onnx = onnx_encoder.load(cache, ref.fingerprint)
+            if self.onnx is not None:
+                assert plain is not None
+                self.device = "cpu"
+                self._load_tokenizer(plain, _read_json(ref.path / "config.json"))
+                return
+            quiet_transformers()
+            self.device = device or torch_device()
             if plain is None:
                 self._load_sentence_transformer()
             else:
                 self._load_transformer(plain)
+
+    @property
+    def runtime(self) -> str:
+        """What encodes: "onnxruntime", "transformers" or "sentence-transformers"."""
+        return "onnxruntime" if self.onnx is not None else "transformers" if self.model is None else "sentence-transformers"
+
+    def export_copy(self, cache: Path) -> Path | None:
+        """Write the ONNX copy `search` and `ask` will run (a plain BERT-architecture folder loaded with torch);
+        None when this encoder has none (another architecture or shape, or the copy could not be written)."""
+        from . import onnx_encoder
+
+        if self.transformer is None:
+            return None
+        return onnx_encoder.export(self.transformer, self.fingerprint, cache)
 
     def _load_sentence_transformer(self) -> None:
         from sentence_transformers import SentenceTransformer
@@ -116,16 +150,20 @@ class Encoder:
         self.prompts: dict[str, str] = dict(self.model.prompts or {})
 
     def _load_transformer(self, plain: _Plain) -> None:
-        from tokenizers import Tokenizer
         from transformers import AutoModel
+
+        self.transformer = AutoModel.from_pretrained(self.ref.path, local_files_only=True).to(self.device).eval()
+        self._load_tokenizer(plain, self.transformer.config.to_dict())
+
+    def _load_tokenizer(self, plain: _Plain, model_config: dict[str, Any]) -> None:
+        from tokenizers import Tokenizer
 
         folder = self.ref.path
         self.pooling = plain.pooling
         self.prompts = plain.prompts
-        self.transformer = AutoModel.from_pretrained(folder, local_files_only=True).to(self.device).eval()
-        positions = getattr(self.transformer.config, "max_position_embeddings", None)
+        positions = model_config.get("max_position_embeddings")
         self.max_length = min(plain.limit, positions) if positions and positions > 0 else plain.limit
-        self.dim = int(self.transformer.config.hidden_size)
+        self.dim = int(model_config["hidden_size"])
         # The tokenizers library on the folder's tokenizer.json: what AutoTokenizer would run, without the second,
         # pure-Python parse of the same 17 MB file that AutoTokenizer makes (0.6 s of every `search`).
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -166,6 +204,8 @@ class Encoder:
         return self._encode(texts, self.prompts.get(kind, ""), batch_size, progress)
 
     def _encode(self, texts: Sequence[str], prompt: str, batch_size: int, progress: bool) -> np.ndarray:
+        if self.onnx is not None:
+            return self._encode_onnx(texts, prompt, batch_size)
         import torch
 
         # Longest first, as sentence-transformers batches: similar lengths pad little.
@@ -189,6 +229,23 @@ class Encoder:
                     mask = attention.unsqueeze(-1).to(hidden.dtype)  # (b, tokens, 1)
                     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 out[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+        return out  # (n, dim), unit rows
+
+    def _encode_onnx(self, texts: Sequence[str], prompt: str, batch_size: int) -> np.ndarray:
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.empty((len(texts), self.dim), np.float32)
+        for start in range(0, len(texts), batch_size):
+            rows = order[start : start + batch_size]
+            encoded = self.tokenizer.encode_batch([prompt + texts[i] for i in rows])
+            ids = np.array([e.ids for e in encoded], np.int64)  # (b, tokens)
+            attention = np.array([e.attention_mask for e in encoded], np.int64)
+            hidden = self.onnx(ids, attention)  # (b, tokens, dim)
+            if self.pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                mask = attention[:, :, None].astype(np.float32)
+                pooled = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+            out[rows] = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
         return out  # (n, dim), unit rows
 
     def encode_queries(self, texts: Sequence[str], batch_size: int = ENCODE_BATCH) -> np.ndarray:

@@ -103,7 +103,7 @@ def choose_llm(
             f"{base.reference} (fingerprint {base.fingerprint}) — pass the same --base-llm or retrain with `ohlora-rag train-llm`"
         )
     return LLMChoice(
-        base, adapter_dir, template or str(manifest.get("template") or "auto"), cache=paths.models_dir / "cache"
+        base, adapter_dir, template or str(manifest.get("template") or "auto"), cache=paths.cache_dir
     )
 
 

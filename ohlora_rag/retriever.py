@@ -138,7 +138,7 @@ class Retriever:
             threshold = manifest.threshold if manifest.threshold is not None else FALLBACK_THRESHOLD
             if manifest.decision is not None:
                 decision = DecisionModel.from_dict(manifest.decision, str(stored.folder / "manifest.json"))
-        return cls(stored, Encoder(ref), threshold, decision, config.top_k)
+        return cls(stored, Encoder(ref, cache=paths.cache_dir), threshold, decision, config.top_k)
 
     def search(self, question: str, top_k: int | None = None) -> SearchResult:
         """Top-k entries for one question (k: the loaded config's `top_k` unless given)."""

@@ -91,3 +91,19 @@ def test_interrupted_conversion_leaves_no_model(tmp_path: Path, monkeypatch: pyt
     assert not (paths.base_models_dir / "multilingual-e5-small").exists()
     assert not list(paths.base_models_dir.iterdir())
     shutil.rmtree(tmp_path)
+
+
+def test_onnx_copy_matches_torch_on_the_real_encoder(e5_folder: Path, tmp_path: Path) -> None:
+    """The copy cold `search` and `ask` run (onnxruntime, word embeddings looked up outside the graph) gives the
+    torch vectors, Korean, padding and truncation included."""
+    from ohlora_rag.encoder import Encoder
+    from ohlora_rag.models import ModelRef
+
+    ref = ModelRef("multilingual-e5-small", e5_folder)
+    torch_encoder = Encoder(ref, runtime="torch")
+    assert torch_encoder.export_copy(tmp_path) is not None
+    copy = Encoder(ref, cache=tmp_path)
+    assert copy.runtime == "onnxruntime"
+    texts = [t for t in SENTENCES if t]
+    for kind in ("query", "passage"):
+        np.testing.assert_allclose(copy.encode(texts, kind), torch_encoder.encode(texts, kind), atol=2e-5)

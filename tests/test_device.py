@@ -73,7 +73,7 @@ def test_does_nothing_once_torch_is_loaded(monkeypatch: pytest.MonkeyPatch) -> N
 
 @pytest.mark.parametrize(("command", "policy"), [("search", "PASSIVE"), ("build-index", "<unset>")])
 def test_policy_when_the_command_loads_torch(home: Path, tmp_path: Path, command: str, policy: str) -> None:
-    build_index(IndexConfig(progress=False), Paths.resolve())
+    build_index(IndexConfig(progress=False, onnx=False), Paths.resolve())  # no ONNX copy: search loads torch
     seen = tmp_path / "policy"
     args = ["search", "what is recall"] if command == "search" else ["build-index", "-q"]
     done = subprocess.run(
