@@ -98,7 +98,9 @@ class Encoder:
     def __init__(
         self, ref: ModelRef, device: str | None = None, cache: Path | None = None, runtime: str = "auto"
     ) -> None:
-        """Args:
+        """Load the encoder.
+
+        Args:
             ref: the resolved model folder.
             device: where torch runs it (default: CUDA when present, else the CPU).
             cache: the models cache (models/cache): with `runtime="auto"`, the encoder's ONNX copy there is run by
@@ -130,7 +132,9 @@ class Encoder:
     @property
     def runtime(self) -> str:
         """What encodes: "onnxruntime", "transformers" or "sentence-transformers"."""
-        return "onnxruntime" if self.onnx is not None else "transformers" if self.model is None else "sentence-transformers"
+        if self.onnx is not None:
+            return "onnxruntime"
+        return "transformers" if self.model is None else "sentence-transformers"
 
     def export_copy(self, cache: Path) -> Path | None:
         """Write the ONNX copy `search` and `ask` will run (a plain BERT-architecture folder loaded with torch);

@@ -102,9 +102,7 @@ def choose_llm(
             f"the adapter in {adapter_dir} was trained on {manifest.get('base')} (fingerprint {expected}), not on "
             f"{base.reference} (fingerprint {base.fingerprint}) — pass the same --base-llm or retrain with `ohlora-rag train-llm`"
         )
-    return LLMChoice(
-        base, adapter_dir, template or str(manifest.get("template") or "auto"), cache=paths.cache_dir
-    )
+    return LLMChoice(base, adapter_dir, template or str(manifest.get("template") or "auto"), cache=paths.cache_dir)
 
 
 def merged_folder(choice: LLMChoice) -> Path | None:
