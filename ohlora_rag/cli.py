@@ -514,6 +514,7 @@ def _ask_config(
     no_adapter: bool = False,
     no_guard: bool = False,
     dtype: str = "auto",
+    runtime: str = "auto",
 ) -> Any:
 
     return AskConfig(
@@ -527,6 +528,7 @@ def _ask_config(
         use_adapter=not no_adapter,
         guard=not no_guard,
         dtype=dtype,
+        runtime=runtime,
     )
 
 
@@ -550,6 +552,7 @@ _Adapter = Annotated[Path | None, option(AskConfig, "adapter")]
 _NoAdapter = Annotated[bool, option(AskConfig, "use_adapter")]
 _NoGuard = Annotated[bool, option(AskConfig, "guard")]
 _DType = Annotated[str, option(AskConfig, "dtype")]
+_Runtime = Annotated[str, option(AskConfig, "runtime")]
 
 
 @app.command("ask", cls=_Command)
@@ -577,6 +580,7 @@ def ask_cmd(
     no_adapter: _NoAdapter = False,
     no_guard: _NoGuard = False,
     dtype: _DType = _D.ask.dtype,
+    runtime: _Runtime = _D.ask.runtime,
 ) -> None:
     """Answer a question: retrieve the best entry, build the prompt, generate with the LoRA-tuned LLM."""
     configure_threads()  # one question at a time: set before torch is imported
@@ -587,7 +591,7 @@ def ask_cmd(
     if (question is None) == (file is None):
         raise UsageError("give a question or --file FILE (one question per line), not both")
     config = _ask_config(
-        top_k, threshold, max_new_tokens, temperature, seed, base_llm, adapter, no_adapter, no_guard, dtype
+        top_k, threshold, max_new_tokens, temperature, seed, base_llm, adapter, no_adapter, no_guard, dtype, runtime
     )
     questions = [check_question(question)] if question is not None else load_questions(file)  # type: ignore[arg-type]
     if out is not None:
@@ -644,6 +648,7 @@ def chat_cmd(
     no_adapter: _NoAdapter = False,
     no_guard: _NoGuard = False,
     dtype: _DType = _D.ask.dtype,
+    runtime: _Runtime = _D.ask.runtime,
 ) -> None:
     """Ask questions in a loop (models loaded once). An empty line, 'exit' or Ctrl-D ends it."""
     configure_threads()  # one question at a time: set before torch is imported
@@ -651,7 +656,7 @@ def chat_cmd(
     from .retriever import check_question
 
     config = _ask_config(
-        top_k, threshold, max_new_tokens, temperature, seed, base_llm, adapter, no_adapter, no_guard, dtype
+        top_k, threshold, max_new_tokens, temperature, seed, base_llm, adapter, no_adapter, no_guard, dtype, runtime
     )
     engine = QueryEngine.load(config, _paths())
     if engine.notice:
@@ -753,6 +758,7 @@ def evaluate_answers_cmd(
     adapter: _Adapter = None,
     no_adapter: _NoAdapter = False,
     dtype: _DType = _D.ask.dtype,
+    runtime: _Runtime = _D.ask.runtime,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Generate an answer per row: abstention accuracy on no-information rows, grounding, ROUGE-L."""
@@ -769,7 +775,17 @@ def evaluate_answers_cmd(
     if limit is not None:
         rows = SftRows(rows.path, rows.questions[:limit], rows.entries[:limit], rows.answers[:limit])
     config = _ask_config(
-        top_k, threshold, max_new_tokens, 0.0, 0, base_llm, adapter, no_adapter, no_guard=True, dtype=dtype
+        top_k,
+        threshold,
+        max_new_tokens,
+        0.0,
+        0,
+        base_llm,
+        adapter,
+        no_adapter,
+        no_guard=True,
+        dtype=dtype,
+        runtime=runtime,
     )
     engine = QueryEngine.load(config, paths, retrieve=full_pipeline)
     choice = engine.generator.choice

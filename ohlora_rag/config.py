@@ -321,6 +321,7 @@ class LlmTrainConfig:
 
 #: The LLM weight types `--dtype` takes.
 DTYPES = ("auto", "float32", "bfloat16")
+RUNTIMES = ("auto", "torch")
 
 
 @dataclass
@@ -353,6 +354,12 @@ class AskConfig:
         "auto",
         "LLM weights: auto = bfloat16 where the CPU/GPU runs it natively, else float32; or float32, bfloat16.",
         choices=DTYPES,
+    )
+    runtime: str = knob(
+        "auto",
+        "LLM runtime: auto = its ONNX copy (onnxruntime, float32; made by the first run) for greedy answers on a "
+        "CPU-only machine unless --dtype bfloat16, else torch; torch = always torch.",
+        choices=RUNTIMES,
     )
 
     def __post_init__(self) -> None:

@@ -63,6 +63,14 @@ def quiet_transformers() -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
 
 
+def gpu_possible() -> bool:
+    """Whether torch may find a CUDA GPU, without importing torch (1-2 s): its own answer when it is loaded already,
+    else whether an NVIDIA driver is."""
+    if "torch" in sys.modules:
+        return bool(sys.modules["torch"].cuda.is_available())
+    return os.path.exists("/proc/driver/nvidia/version")
+
+
 def torch_device() -> str:
     import torch
 

@@ -161,6 +161,27 @@ class AnswerStream:
         return self._answer
 
 
+def _answering_llm(choice: LLMChoice, config: AskConfig) -> tuple[TextGenerator, str | None]:
+    """The LLM one-at-a-time answers come from: its ONNX copy (onnx_llm) where that serves — made now, from the
+    torch model, when it is missing — else torch. Returns the generator and the copy's folder if made here."""
+    from .device import gpu_possible
+
+    if config.runtime != "auto" or config.dtype == "bfloat16" or gpu_possible():
+        return Generator(choice, dtype=config.dtype), None
+    from . import onnx_llm
+
+    copy = onnx_llm.load(choice, config.dtype)
+    if copy is not None:
+        return copy, None
+    llm = Generator(choice, dtype=config.dtype)
+    folder = onnx_llm.export(llm)
+    copy = onnx_llm.load(choice, config.dtype) if folder is not None else None
+    if copy is None:
+        return llm, None
+    copy._sampler = llm  # sampled answers keep the torch model this run loaded anyway
+    return copy, str(folder)
+
+
 class QueryEngine:
     """Retrieve (following the conversation), decide, build the prompt, generate. Models load once."""
 
@@ -171,6 +192,7 @@ class QueryEngine:
         self.generator = generator
         self.config = config
         self.load_seconds = load_seconds
+        self.made_copy: str | None = None  # the LLM's ONNX copy, when this load made it (once per model)
 
     @classmethod
     def load(
@@ -189,15 +211,16 @@ class QueryEngine:
         retriever = (
             Retriever.load(SearchConfig(top_k=config.top_k, threshold=config.threshold), paths) if retrieve else None
         )
-        llm = Generator(
-            choose_llm(config.base_llm, config.adapter, paths, config.template, config.use_adapter), dtype=config.dtype
-        )
-        generator: TextGenerator = llm
+        choice = choose_llm(config.base_llm, config.adapter, paths, config.template, config.use_adapter)
         if batch:
             from .batching import Batcher
 
-            generator = Batcher(llm, max_batch=batch)
-        return cls(retriever, generator, config, time.perf_counter() - start)
+            generator: TextGenerator = Batcher(Generator(choice, dtype=config.dtype), max_batch=batch)
+            return cls(retriever, generator, config, time.perf_counter() - start)
+        generator, made = _answering_llm(choice, config)
+        engine = cls(retriever, generator, config, time.perf_counter() - start)
+        engine.made_copy = made
+        return engine
 
     @property
     def notice(self) -> str | None:

@@ -71,7 +71,11 @@ def choose_llm(
     if not use_adapter:
         base = resolve(base_llm or DEFAULT_LLM, "llm", paths)
         return LLMChoice(
-            base, None, template or "auto", f"--no-adapter: answering with the base model {base.reference}"
+            base,
+            None,
+            template or "auto",
+            f"--no-adapter: answering with the base model {base.reference}",
+            cache=paths.cache_dir,
         )
     adapter_dir = Path(adapter) if adapter else paths.llm_dir
     if not adapter and not (adapter_dir / "adapter_config.json").is_file() and base_llm in (None, DEFAULT_LLM):
@@ -83,7 +87,7 @@ def choose_llm(
             )
         base = resolve(base_llm or DEFAULT_LLM, "llm", paths)
         notice = f"no trained adapter in {adapter_dir} — answering with the base model {base.reference} (run `ohlora-rag train-llm`)"
-        return LLMChoice(base, None, template or "auto", notice)
+        return LLMChoice(base, None, template or "auto", notice, cache=paths.cache_dir)
     # Ours carry a manifest (base, its fingerprint, template); a plain PEFT adapter names its base in its config.
     check_json_files(adapter_dir, ("adapter_config.json",))
     manifest = read_manifest(adapter_dir) or {}
