@@ -67,6 +67,20 @@ hidden = session.run(None, {"inputs_embeds": np.ascontiguousarray(table[ids]), "
 q = hidden.mean(1)[0]
 q /= np.linalg.norm(q)
 best = int(np.argmax(np.load(job["vectors"]) @ q))
+if job["llm_onnx"]:
+    meta = json.load(open(job["llm_onnx"] + "/export.json"))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    lm = ort.InferenceSession(job["llm_onnx"] + "/model.onnx", options, providers=["CPUExecutionProvider"])
+    lt = tokenizers.Tokenizer.from_file(job["llm_onnx"] + "/tokenizer.json")
+    shape = (meta["layers"], 1, meta["kv_heads"], 0, meta["head_dim"])
+    keys, values = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    ids = lt.encode(job["prompt"], add_special_tokens=False).ids
+    for _ in range(job["new"]):
+        feeds = {"input_ids": np.asarray([ids]), "attention_mask": np.ones((1, keys.shape[3] + len(ids)), np.int64),
+                 "past_keys": keys, "past_values": values}
+        logits, keys, values = lm.run(None, feeds)
+        ids = [int(logits[0].argmax())]
 print(time.perf_counter() - start, best)
 """
 
@@ -87,9 +101,11 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ohlora_rag.config import AskConfig, Paths
+    from ohlora_rag.device import native_bf16
     from ohlora_rag.engine import QueryEngine
     from ohlora_rag.generator import merged_folder
     from ohlora_rag.onnx_encoder import export_folder, ready
+    from ohlora_rag.onnx_llm import OnnxGenerator
 
     exe = Path(sys.executable).with_name("ohlora-rag")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ohlora_rag"]
@@ -99,11 +115,13 @@ def main() -> None:
     assert engine.retriever is not None
     gen = engine.generator
     choice = gen.choice  # type: ignore[attr-defined]
+    llm_onnx = str(gen.folder) if isinstance(gen, OnnxGenerator) else ""
     merged = merged_folder(choice)
     llm = merged if merged is not None and (merged / "config.json").is_file() else choice.base.path
     result = engine.retriever.search(QUESTION, 3)
     prompt = gen.prompts.prompt(QUESTION, result.best.text if result.best else None)
-    dtype = str(gen.dtype)  # type: ignore[attr-defined]
+    # the bare transformers side runs what `ask` ran before the copy: bfloat16 where the CPU has it natively
+    dtype = ("bfloat16" if native_bf16("cpu") else "float32") if llm_onnx else str(gen.dtype)  # type: ignore[attr-defined]
     with tempfile.TemporaryDirectory() as tmp:
         import numpy as np
 
@@ -126,6 +144,7 @@ def main() -> None:
             "dtype": dtype,
             "prompt": prompt,
             "new": NEW_TOKENS,
+            "llm_onnx": "",
         }
         del engine
         bare = [sys.executable, "-c", BARE]
@@ -135,6 +154,10 @@ def main() -> None:
         helps = [wall([*cmd, "--help"], env)[0] for _ in range(args.repeat)]
         search_ours = [wall([*cmd, "search", QUESTION], env)[0] for _ in range(args.repeat)]
         search_ort = [wall([sys.executable, "-c", BARE_ORT, json.dumps(job)], env)[0] for _ in range(args.repeat)]
+        ask_ort = [
+            wall([sys.executable, "-c", BARE_ORT, json.dumps({**job, "llm_onnx": llm_onnx})], env)[0]
+            for _ in range(args.repeat if llm_onnx else 0)
+        ]
         search_bare = [wall([*bare, json.dumps({**job, "llm": ""})], env)[0] for _ in range(args.repeat)]
         rows["search"] = (search_ours, search_ort)
         rows["search (vs torch)"] = (search_ours, search_bare)
@@ -146,15 +169,22 @@ def main() -> None:
             loads.append(timings["load"])
             gens.append(timings["generate"])
         ask_bare = [wall([*bare, json.dumps(job)], env)[0] for _ in range(args.repeat)]
+        if ask_ort:
+            rows["ask (vs onnxruntime)"] = (ask_ours, ask_ort)
         rows["ask"] = (ask_ours, ask_bare)
 
-    print(f"cold starts, {args.repeat} new processes each, seconds (min / median / max); LLM weights {dtype}")
+    llm_kind = "the LLM's ONNX copy, float32" if llm_onnx else f"torch, {dtype}"
+    print(
+        f"cold starts, {args.repeat} new processes each, seconds (min / median / max); ask: {llm_kind}; bare "
+        f"transformers: {dtype}"
+    )
     print(f"{'':<32}{'ohlora-rag':>21}{'bare library':>22}{'ratio':>8}")
     print(f"{'ohlora-rag --help':<32}{stats(helps):>21}")
     for name, (ours, plain) in rows.items():
         ratio = statistics.median(ours) / statistics.median(plain)
         label = {
-            "ask": f"ask ({NEW_TOKENS} new tokens) vs transformers",
+            "ask": f"ask ({NEW_TOKENS} tokens) vs transformers",
+            "ask (vs onnxruntime)": f"ask ({NEW_TOKENS} tokens) vs onnxruntime",
             "search": "search vs onnxruntime",
             "search (vs torch)": "search vs transformers",
         }[name]

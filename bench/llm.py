@@ -1,8 +1,9 @@
 """LLM benchmarks: ohlora-rag against bare transformers / trl doing the same work, side by side, with ratios.
 
 (1) train-llm tokens/s vs a bare trl SFTTrainer (same data, model, LoRA shape, batch; fp32, no pre-flight);
-(2) `ask` latency split into load / retrieve / generate, and generate tokens/s vs bare `model.generate` on the same
-    prompt (greedy, same max_new_tokens);
+(2) `ask` latency split into load / retrieve / generate, and generate tokens/s vs, on the same prompt (greedy, same
+    max_new_tokens), a bare onnxruntime loop over the same ONNX copy (when `ask` answers with it) and bare
+    `model.generate` in float32 and bfloat16;
     and the memory floor: the LLM's weight bytes read once per token at the read bandwidth measured here.
 Cold starts (`--help`, `search`, `ask` as new processes): `bench/cold_start.py`.
 
@@ -94,48 +95,82 @@ def bench_train(steps: int) -> None:
 
 
 def bench_ask(repeat: int) -> None:
+    import numpy as np
     import torch
 
     from ohlora_rag.config import AskConfig, Paths
     from ohlora_rag.engine import QueryEngine
+    from ohlora_rag.generator import Generator, encode_prompt
 
     engine = QueryEngine.load(AskConfig(), Paths.resolve(ROOT))
     answers = [engine.ask(QUESTION) for _ in range(repeat)]
     gen = engine.generator
     prompt = gen.prompts.prompt(QUESTION, answers[0].used.text if answers[0].used else None)
-    ids = gen.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+    prompt_ids = encode_prompt(gen.tokenizer, prompt)
     max_new = AskConfig().max_new_tokens
+    rows: list[tuple[str, float]] = []
+    copy = getattr(gen, "model", None)
+    if hasattr(copy, "session"):  # the ONNX copy answers: bare onnxruntime greedy loop on the same graph
 
-    def bare() -> tuple[float, int]:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = gen.model.generate(
-                **ids,
-                max_new_tokens=max_new,
-                do_sample=False,
-                eos_token_id=gen.tokenizer.eos_token_id,
-                pad_token_id=gen.tokenizer.pad_token_id,
-            )
-        return time.perf_counter() - start, int(out.shape[1] - ids["input_ids"].shape[1])
+        def bare_ort() -> tuple[float, int]:
+            session = copy.session  # type: ignore[union-attr]
+            shape = (copy.layers, 1, copy.kv_heads, 0, copy.head_dim)  # type: ignore[union-attr]
+            keys, values = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+            ids, n = prompt_ids, 0
+            start = time.perf_counter()
+            while n < max_new:
+                feeds = {
+                    "input_ids": np.asarray([ids], np.int64),
+                    "attention_mask": np.ones((1, keys.shape[3] + len(ids)), np.int64),
+                    "past_keys": keys,
+                    "past_values": values,
+                }
+                logits, keys, values = session.run(None, feeds)
+                token, n = int(logits[0].argmax()), n + 1
+                if token == gen.tokenizer.eos_token_id:
+                    break
+                ids = [token]
+            return time.perf_counter() - start, n
 
-    bare_runs = [bare() for _ in range(repeat)]
+        runs = [bare_ort() for _ in range(repeat)]
+        rows.append(("bare onnxruntime loop", statistics.median(n / s for s, n in runs)))
+    for dtype in ("float32", "bfloat16"):
+        torch_llm = Generator(gen.choice, dtype=dtype)
+        ids = torch.tensor([prompt_ids])
+
+        def bare() -> tuple[float, int]:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = torch_llm.model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new,
+                    do_sample=False,
+                    eos_token_id=torch_llm.tokenizer.eos_token_id,
+                    pad_token_id=torch_llm.tokenizer.pad_token_id,
+                )
+            return time.perf_counter() - start, int(out.shape[1] - ids.shape[1])
+
+        runs = [bare() for _ in range(repeat)]
+        rows.append((f"bare model.generate {dtype}", statistics.median(n / s for s, n in runs)))
+        if dtype == "float32":
+            weights = sum(p.numel() * p.element_size() for p in torch_llm.model.parameters())
+
     ours_tps = statistics.median(a.new_tokens / a.timings["generate"] for a in answers)
-    bare_tps = statistics.median(n / s for s, n in bare_runs)
     print(
         f"\n(2) ask latency (warm, median of {repeat}): load {engine.load_seconds:.2f}s (once), "
         f"retrieve {statistics.median(a.timings['retrieve'] for a in answers) * 1e3:.1f} ms, "
-        f"generate {statistics.median(a.timings['generate'] for a in answers):.2f}s for {answers[0].new_tokens} tokens"
+        f"generate {statistics.median(a.timings['generate'] for a in answers):.2f}s for {answers[0].new_tokens} tokens "
+        f"({type(gen).__name__}, {getattr(gen, 'dtype', '?')})"
     )
-    print(f"{'':<28}{'tokens/s':>10}{'ratio':>8}")
-    print(f"{'bare model.generate':<28}{bare_tps:>10.1f}{'1.00x':>8}")
-    print(
-        f"{'ohlora-rag generate':<28}{ours_tps:>10.1f}{ours_tps / bare_tps:>7.2f}x   (time ratio {bare_tps / ours_tps:.2f}x)"
-    )
-    weights = sum(p.numel() * p.element_size() for p in gen.model.parameters())
+    print(f"{'':<32}{'tokens/s':>10}{'ours vs':>9}")
+    print(f"{'ohlora-rag generate':<32}{ours_tps:>10.1f}")
+    for name, tps in rows:
+        print(f"{name:<32}{tps:>10.1f}{ours_tps / tps:>8.2f}x")
     bandwidth = read_bandwidth()
     floor = bandwidth / weights
     print(
-        f"{'memory floor':<28}{floor:>10.1f}{ours_tps / floor:>7.2f}x   ({weights / 1e6:.0f} MB of {gen.dtype} weights "
+        f"{'memory floor (float32)':<32}{floor:>10.1f}{ours_tps / floor:>8.2f}x   ({weights / 1e6:.0f} MB of weights "
         f"per token at {bandwidth / 1e9:.1f} GB/s)"
     )
 
