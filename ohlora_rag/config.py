@@ -174,7 +174,7 @@ class IndexConfig:
     use_known: bool = knob(True, "Keep no known questions in the index.", flag="--no-known-questions", negate=True)
     onnx: bool = knob(
         True,
-        "Write no ONNX copy of the encoder (models/cache/onnx-*, 470 MB for the default encoder), which cold `search` "
+        "Write no ONNX copy of the encoder (models/cache/onnx-encoder-*, 470 MB for the default encoder), which cold `search` "
         "and `ask` run instead of loading torch.",
         flag="--no-onnx",
         negate=True,

@@ -11,7 +11,10 @@ candidate entry of a question from signals that are free with an exact index ove
 - how much of the entry's name or aliases (the text before " : ") the question contains;
 - with known questions stored in the index (labelled questions, e.g. the encoder's training questions): the best
   cosine to the candidate's own known questions (or its text, if higher), its gap to the best candidate's, and how
-  close the question lies to a known question that no entry answers.
+  close the question lies to a known question that no entry answers;
+- how much of the question the candidate covers: the share of the question's words (lexical tokens) found in the
+  entry's text or in its known questions (a question about a topic next to the entry's names a word none of them
+  has: "DPO" is in no wording of the RLHF entry).
 
 The best-scoring candidate goes into the prompt if its probability of being the right entry clears the cutoff
 chosen on a calibration split. The model is fitted by `fit_decision` and stored in the index manifest.
@@ -43,10 +46,11 @@ FEATURES = (
     "known_gap",
     "unanswerable",
     "known_margin",
+    "coverage",
 )
 #: Dense, lexical and known-question candidates per question (each side); the union is scored.
 CANDIDATES = 16
-DECISION_VERSION = 2
+DECISION_VERSION = 3
 #: Inverse L2 strength of the logistic fit. Chosen by 5-fold cross-validation on data/trust_calib.csv (8 shuffles,
 #: never the test file): utility 1.797 at 0.1 vs 1.789 at 0.03 / 0.3 and 1.783 at 1.0 (sklearn's default).
 REGULARISATION = 0.1
@@ -65,6 +69,7 @@ class Signals:
     bm25_max: float  # the question's best BM25 score over the whole DB
     known: np.ndarray | None = None  # best cosine to each candidate's known questions or its text; None: no keys
     unanswerable: float = 0.0  # best cosine to a known question no entry answers (0 without such questions)
+    coverage: np.ndarray | None = None  # share of the question's words in each candidate's text or known questions
 
     def features(self) -> np.ndarray:
         """float64 (c, len(FEATURES))."""
@@ -94,6 +99,7 @@ class Signals:
             known - known_best,
             np.full_like(cos, self.unanswerable),
             np.full_like(cos, known_best - self.unanswerable),
+            np.zeros_like(cos) if self.coverage is None else self.coverage.astype(np.float64),
         ]
         return np.stack(columns, axis=1)
 

@@ -292,7 +292,8 @@ TRUST_VARIANTS: dict[str, tuple[str, ...] | None] = {
     "BM25 alone": ("bm25", "bm25_share", "bm25_top"),
     "dense + BM25": ("cosine", "top_gap", "margin", "z", "cos_max", "z_max", "bm25", "bm25_share", "bm25_top"),
     "dense + BM25 + names": FEATURES[: FEATURES.index("name") + 1],
-    "dense + BM25 + names + known questions (default)": FEATURES,
+    "dense + BM25 + names + known questions": FEATURES[: FEATURES.index("known_margin") + 1],
+    "dense + BM25 + names + known questions + coverage (default)": FEATURES,
 }
 
 

@@ -2,7 +2,7 @@
 
 Importing torch and transformers' model classes took 3.6-4.9 s of every cold `search` on 2 cores before any weight
 was read. `build-index` therefore exports the encoder it used — the same weights — to ONNX once
-(`models/cache/onnx-<fingerprint>/`), and `search`, `ask`, `chat` and the server run their questions through
+(`models/cache/onnx-encoder-<fingerprint>/`), and `search`, `ask`, `chat` and the server run their questions through
 onnxruntime when that copy is there. The word-embedding table (250k x 384 for multilingual e5: 384 MB of the 470)
 is kept outside the graph as a memory-mapped `.npy`, so a question reads only its own rows and the runtime loads an
 86 MB graph (0.3 s) instead of 470 MB (1.1 s); the graph takes the looked-up rows (`inputs_embeds`), and adds the
@@ -25,7 +25,7 @@ from .artifacts import staged_folder
 from .errors import OhloraError
 
 EXPORT_FORMAT = 1
-PREFIX = "onnx-"
+PREFIX = "onnx-encoder-"
 MODEL_FILE = "model.onnx"
 EMBEDDINGS_FILE = "word_embeddings.npy"
 MANIFEST_FILE = "export.json"
@@ -91,7 +91,7 @@ def export(transformer: Any, fingerprint: str, cache: Path) -> Path | None:
         return None
     except Exception:  # noqa: BLE001 - the exporter (torch.onnx, onnx) failing on this model: keep torch
         return None
-    for old in sorted(cache.glob(f"{PREFIX}*"), key=_age)[KEEP:]:
+    for old in sorted((p for p in cache.glob(f"{PREFIX}*") if p.is_dir()), key=_age)[KEEP:]:
         if old != folder:
             shutil.rmtree(old, ignore_errors=True)
     return folder

@@ -38,6 +38,8 @@ GRAPH_FILE = "model.onnx"
 WEIGHTS_FILE = "model.data"
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST_FILE = "export.json"
+#: Beside a copy that could not be made: `<folder><suffix>` says with which onnxruntime and why.
+FAILED_SUFFIX = ".failed"
 #: Copies kept in the cache (most recently written first).
 KEEP = 2
 OPSET = 17
@@ -278,17 +280,35 @@ def export(generator: Any) -> Path | None:
     folder = export_folder(choice.cache, key)
     if ready(folder, key):
         return folder
+    failed = folder.with_name(folder.name + FAILED_SUFFIX)
+    if failed.is_file() and failed.read_text(encoding="utf-8", errors="replace").startswith(_runtime_version() + " "):
+        return None  # this model's copy failed with this onnxruntime before: do not pay the export on every run
     try:
         with staged_folder(folder, keep_existing=lambda out: ready(out, key) is not None) as staging:
             _write(generator, key, staging)
-    except (OSError, OhloraError):
+    except (OSError, OhloraError) as exc:
+        if isinstance(exc, CopyMismatch):
+            _note_failure(failed, exc)
         return None
-    except Exception:  # noqa: BLE001 - the exporter or the optimiser failing on this model: keep torch
+    except Exception as exc:  # noqa: BLE001 - the exporter or the optimiser failing on this model: keep torch
+        _note_failure(failed, exc)
         return None
-    for old in sorted(choice.cache.glob(f"{PREFIX}*"), key=_age)[KEEP:]:
+    for old in sorted((p for p in choice.cache.glob(f"{PREFIX}*") if p.is_dir()), key=_age)[KEEP:]:
         if old != folder:
             shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+class CopyMismatch(OhloraError):
+    """The exported copy does not answer as the torch model does (prompt, token ids or greedy tokens)."""
+
+
+def _note_failure(marker: Path, exc: BaseException) -> None:
+    """Remember that this model's export failed (with this onnxruntime), and why, so later runs skip it."""
+    try:
+        marker.write_text(f"{_runtime_version()} {type(exc).__name__}: {exc}\n", encoding="utf-8")
+    except OSError:
+        pass
 
 
 def _age(folder: Path) -> float:
@@ -409,9 +429,9 @@ def _check(generator: Any, out: Path, meta: dict[str, Any], prompt_ids: list[int
     for entry in (_CHECK[1], None):
         prompt = generator.prompts.prompt(_CHECK[0], entry)
         if builder.prompt(_CHECK[0], entry) != prompt:
-            raise OhloraError("the copy renders the prompt differently")
+            raise CopyMismatch("the copy renders the prompt differently")
         if encode_prompt(lite, prompt) != encode_prompt(generator.tokenizer, prompt):
-            raise OhloraError("the copy tokenises the prompt differently")
+            raise CopyMismatch("the copy tokenises the prompt differently")
     lm = OnnxLM(out, meta)
     keys, values = lm.empty_cache()
     ours: list[int] = []
@@ -421,9 +441,9 @@ def _check(generator: Any, out: Path, meta: dict[str, Any], prompt_ids: list[int
         ours.append(int(np.argmax(logits)))
         step = [ours[-1]]
     if ours != reference:
-        raise OhloraError(f"the copy's greedy tokens {ours} differ from torch's {reference}")
+        raise CopyMismatch(f"the copy's greedy tokens {ours} differ from torch's {reference}")
     if lite.decode(ours) != generator.tokenizer.decode(ours, skip_special_tokens=False):
-        raise OhloraError("the copy decodes differently")
+        raise CopyMismatch("the copy decodes differently")
 
 
 def _greedy(model: Any, ids: list[int], count: int) -> list[int]:

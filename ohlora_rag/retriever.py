@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,6 +115,10 @@ class Retriever:
         self._lock = threading.Lock()
         self._typical_mean: float | None = None
         self._known_index: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._words: dict[int, set[str]] = {}  # entry position -> its text's lexical tokens
+        self._known_words: dict[int, Counter[str]] | None = (
+            None  # entry -> how many of its known questions have a token
+        )
 
     @classmethod
     def load(cls, config: SearchConfig | None = None, paths: Paths | None = None) -> Retriever:
@@ -246,8 +251,15 @@ class Retriever:
                 [dense_scores[i][: len(dense)], stored.vectors.vectors_at(np.asarray(extra)) @ vectors[i]]
             )
             stored.check_cosines(cosine)
-            words = set(tokenize(question))
+            tokens = tokenize(question)
+            words = set(tokens)
             name = np.asarray([self._name_match(words, int(p)) for p in positions], dtype=np.float64)
+            own = (
+                [(int(p), set(tokenize(q))) for q, p in zip(known.questions, known.positions) if q == question]
+                if skip_own and known is not None
+                else []
+            )
+            coverage = np.asarray([self._coverage(tokens, int(p), own) for p in positions], dtype=np.float64)
             near = None if known is None else np.asarray([best.get(int(p), -1.0) for p in positions])
             out.append(
                 Signals(
@@ -260,9 +272,38 @@ class Retriever:
                     float(bm.max()),
                     near,
                     unanswerable,
+                    coverage,
                 )
             )
         return out
+
+    def _coverage(self, tokens: list[str], position: int, own: list[tuple[int, set[str]]]) -> float:
+        """Share of the question's tokens found in the entry's text or in one of its known questions (`own`: known
+        questions identical to the question, left out as `skip_own` asks)."""
+        if not tokens:
+            return 0.0
+        words = self._words.get(position)
+        if words is None:
+            words = self._words[position] = set(tokenize(self.stored.entry(position)["text"]))
+        known = self._known_counts().get(position, Counter())
+        mine = [w for p, w in own if p == position]
+
+        def covered(token: str) -> bool:
+            return token in words or known[token] - sum(token in w for w in mine) > 0
+
+        return sum(map(covered, tokens)) / len(tokens)
+
+    def _known_counts(self) -> dict[int, Counter[str]]:
+        """Per entry, how many of its known questions contain each token; once per index."""
+        if self._known_words is None:
+            counts: dict[int, Counter[str]] = {}
+            known = self.stored.known
+            if known is not None:
+                for question, position in zip(known.questions.tolist(), known.positions.tolist()):
+                    if position >= 0:
+                        counts.setdefault(int(position), Counter()).update(set(tokenize(str(question))))
+            self._known_words = counts
+        return self._known_words
 
     def _known_entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The entries that have known questions (positions, sorted), per answered known question the index of its

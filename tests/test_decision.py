@@ -376,3 +376,27 @@ def test_bad_files_for_the_new_options(home: Path, args: list[str], message: str
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert (home / "index" / "CURRENT").read_text() == current
+
+
+def test_coverage_counts_the_question_words_an_entry_or_its_known_questions_have(home: Path) -> None:
+    from ohlora_rag.retriever import Retriever
+
+    _write(home / "data" / "trust_calib.csv", ["question", "kind", "concept_id"], CALIB)
+    known = _write(home / "known.csv", ["question", "kind", "concept_id"], KNOWN)
+    assert runner.invoke(app, ["build-index", "-q", "--known-questions", str(known)]).exit_code == 0
+    retriever = Retriever.load()
+    ids = [retriever.stored.entry(i)["id"] for i in range(retriever.stored.vectors.ntotal)]
+
+    def coverage(question: str, entry: str, skip_own: bool = False) -> float:
+        sig = retriever.signals([question], skip_own=skip_own)[0]
+        at = np.flatnonzero(sig.positions == ids.index(entry))
+        assert len(at) == 1, "the entry is a candidate"
+        return float(sig.features()[at[0], FEATURES.index("coverage")])
+
+    # "stop", "net", "memorising" are words of dropout's known question; "training" is in its text
+    assert coverage("stop my net memorising", "dropout") == 1.0
+    assert coverage("stop my net memorising", "adam") == 0.0
+    assert coverage("randomly zeroes units, what else?", "dropout") == pytest.approx(3 / 4)  # "else": nowhere
+    # scored as new (skip_own), the known question's own words no longer count: only "training" is left
+    assert coverage(KNOWN[0][0], "dropout") == 1.0
+    assert coverage(KNOWN[0][0], "dropout", skip_own=True) == pytest.approx(1 / 5)

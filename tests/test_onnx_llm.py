@@ -130,3 +130,28 @@ def test_copy_of_the_shipped_tutor_answers_as_torch_float32_does(tmp_path: Path)
     copy = onnx_llm.load(choice)
     assert copy is not None
     assert _answers(copy, 40) == _answers(torch_llm, 40)
+
+
+def test_a_copy_that_does_not_answer_as_torch_is_not_kept_nor_retried(
+    tiny_lm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    choice = _choice(tiny_lm, tmp_path)
+    torch_llm = Generator(choice, device="cpu", dtype="float32")
+
+    def mismatch(*args: object) -> None:
+        raise onnx_llm.CopyMismatch("the copy's greedy tokens [1] differ from torch's [2]")
+
+    monkeypatch.setattr(onnx_llm, "_check", mismatch)
+    assert onnx_llm.export(torch_llm) is None
+    key = onnx_llm.copy_key(choice)
+    assert key is not None and choice.cache is not None
+    folder = onnx_llm.export_folder(choice.cache, key)
+    assert not folder.exists() and onnx_llm.load(choice) is None
+    marker = folder.with_name(folder.name + onnx_llm.FAILED_SUFFIX)
+    assert "CopyMismatch: the copy's greedy tokens" in marker.read_text()
+
+    def must_not_run(*args: object) -> None:
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(onnx_llm, "_write", must_not_run)
+    assert onnx_llm.export(torch_llm) is None  # remembered: later runs do not pay the export again
