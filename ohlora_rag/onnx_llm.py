@@ -17,6 +17,7 @@ the torch path, never an error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
@@ -305,10 +306,8 @@ class CopyMismatch(OhloraError):
 
 def _note_failure(marker: Path, exc: BaseException) -> None:
     """Remember that this model's export failed (with this onnxruntime), and why, so later runs skip it."""
-    try:
+    with contextlib.suppress(OSError):
         marker.write_text(f"{_runtime_version()} {type(exc).__name__}: {exc}\n", encoding="utf-8")
-    except OSError:
-        pass
 
 
 def _age(folder: Path) -> float:
