@@ -301,7 +301,11 @@ def test_ask_answers_with_the_adapter_train_llm_wrote(
         update = config.lora_alpha / config.lora_r * lora[a_key.replace("lora_A", "lora_B")] @ lora[a_key]
         assert torch.count_nonzero(update) > 0
         expected[name] = expected[name] + update
-    served = engine.generator.model.state_dict()
+    # `ask` answered through the LLM's ONNX copy (made from this merge); torch serves the same answer from exactly
+    # base + alpha / r * B @ A
+    torch_engine = QueryEngine.load(AskConfig(max_new_tokens=8, dtype="float32", runtime="torch"), Paths(home), False)
+    assert torch_engine.stream_with(PRECISION, PRECISION).answer().answer == answer["answer"]
+    served = torch_engine.generator.model.state_dict()  # type: ignore[attr-defined]
     assert served.keys() == expected.keys()
     for name, weight in served.items():
         torch.testing.assert_close(weight, expected[name], rtol=0, atol=1e-6, msg=name)
