@@ -143,6 +143,7 @@ def test_readme_command_table_shows_the_defaults() -> None:
         (SbertTrainConfig, "loss", {"data": Path("p.csv")}),
         (LlmTrainConfig, "template", {"data": Path("p.csv")}),
         (AskConfig, "dtype", {}),
+        (AskConfig, "runtime", {}),
     ],
 )
 def test_declared_choices_are_named_in_the_help_and_enforced(config: type, name: str, kwargs: dict[str, Any]) -> None:

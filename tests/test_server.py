@@ -213,9 +213,10 @@ def test_concurrent_answers_are_each_their_own(server: Server, engine: QueryEngi
 
 def test_a_client_that_leaves_stops_its_generation(server: Server, engine: QueryEngine) -> None:
     batcher = engine.generator
-    body = _ask(PRECISION) | {"max_tokens": 300}
-    full = server.post("/v1/chat/completions", body).json()["usage"]["completion_tokens"]
-    assert full == 300  # the random tiny LM never says EOS here: without the client leaving, 300 steps run
+    # long enough that the client's leaving is seen well before the end, even on a busy machine (300 was not always)
+    body = _ask(PRECISION) | {"max_tokens": 1000}
+    full = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).json()["usage"]["completion_tokens"]
+    assert full == 1000  # the random tiny LM never says EOS here: without the client leaving, 1000 steps run
     before = len(batcher.steps)  # type: ignore[attr-defined]
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body | {"stream": True}) as response:
         for line in response.iter_lines():
