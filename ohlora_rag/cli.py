@@ -503,6 +503,14 @@ def train_llm_cmd(
     )
 
 
+def _loaded(engine: Any) -> None:
+    """What loading the engine has to say: which LLM answers, and a copy made once (why this run was slow)."""
+    if engine.notice:
+        typer.echo(f"notice: {engine.notice}", err=True)
+    if engine.made_copy:
+        typer.echo(f"note: made the LLM's ONNX copy for faster starts from now on: {engine.made_copy} (once)", err=True)
+
+
 def _ask_config(
     top_k: int,
     threshold: float | None,
@@ -597,8 +605,7 @@ def ask_cmd(
     if out is not None:
         _check_out(out)  # before minutes of model loading
     engine = QueryEngine.load(config, _paths())
-    if engine.notice:
-        typer.echo(f"notice: {engine.notice}", err=True)
+    _loaded(engine)
     if file is not None:
         sink = out.open("w", encoding="utf-8") if out else None
         try:
@@ -659,8 +666,7 @@ def chat_cmd(
         top_k, threshold, max_new_tokens, temperature, seed, base_llm, adapter, no_adapter, no_guard, dtype, runtime
     )
     engine = QueryEngine.load(config, _paths())
-    if engine.notice:
-        typer.echo(f"notice: {engine.notice}", err=True)
+    _loaded(engine)
     conversation = engine.conversation()
     typer.echo(
         "Oh-LoRA ML tutor — ask a machine-learning question; follow-ups like 'how is it computed?' stay on the "
@@ -788,9 +794,8 @@ def evaluate_answers_cmd(
         runtime=runtime,
     )
     engine = QueryEngine.load(config, paths, retrieve=full_pipeline)
+    _loaded(engine)
     choice = engine.generator.choice
-    if choice.notice:
-        typer.echo(f"notice: {choice.notice}", err=True)
 
     def generate(question: str, entry: str | None) -> str:
         return engine.stream_with(question, entry).answer().answer

@@ -155,3 +155,17 @@ def test_a_copy_that_does_not_answer_as_torch_is_not_kept_nor_retried(
 
     monkeypatch.setattr(onnx_llm, "_write", must_not_run)
     assert onnx_llm.export(torch_llm) is None  # remembered: later runs do not pay the export again
+
+
+def test_ask_says_once_that_it_made_the_copy(home: Path, tiny_lm: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ohlora_rag.cli import app
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["build-index", "-q"]).exit_code == 0
+    args = ["ask", "what is precision ?", "--base-llm", str(tiny_lm), "--no-adapter", "--max-new-tokens", "4"]
+    first, second = runner.invoke(app, args), runner.invoke(app, args)
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    assert "note: made the LLM's ONNX copy for faster starts from now on: " in first.stderr
+    assert "ONNX copy" not in second.stderr and first.stdout == second.stdout  # the same answer from the copy
