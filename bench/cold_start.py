@@ -73,13 +73,13 @@ if job["llm_onnx"]:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     lm = ort.InferenceSession(job["llm_onnx"] + "/model.onnx", options, providers=["CPUExecutionProvider"])
     lt = tokenizers.Tokenizer.from_file(job["llm_onnx"] + "/tokenizer.json")
-    shape = (meta["layers"], 1, meta["kv_heads"], 0, meta["head_dim"])
-    keys, values = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    names = [i.name for i in lm.get_inputs()][2:]
+    cache = [np.zeros((1, meta["kv_heads"], 0, meta["head_dim"]), np.float32) for _ in names]
     ids = lt.encode(job["prompt"], add_special_tokens=False).ids
     for _ in range(job["new"]):
-        feeds = {"input_ids": np.asarray([ids]), "attention_mask": np.ones((1, keys.shape[3] + len(ids)), np.int64),
-                 "past_keys": keys, "past_values": values}
-        logits, keys, values = lm.run(None, feeds)
+        feeds = {"input_ids": np.asarray([ids]), "attention_mask": np.ones((1, cache[0].shape[2] + len(ids)), np.int64),
+                 **dict(zip(names, cache))}
+        logits, *cache = lm.run(None, feeds)
         ids = [int(logits[0].argmax())]
 print(time.perf_counter() - start, best)
 """

@@ -114,18 +114,17 @@ def bench_ask(repeat: int) -> None:
 
         def bare_ort() -> tuple[float, int]:
             session = copy.session  # type: ignore[union-attr]
-            shape = (copy.layers, 1, copy.kv_heads, 0, copy.head_dim)  # type: ignore[union-attr]
-            keys, values = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+            names = [i.name for i in session.get_inputs()][2:]  # the cache inputs, per layer keys and values
+            cache = [np.zeros((1, copy.kv_heads, 0, copy.head_dim), np.float32) for _ in names]  # type: ignore[union-attr]
             ids, n = prompt_ids, 0
             start = time.perf_counter()
             while n < max_new:
                 feeds = {
                     "input_ids": np.asarray([ids], np.int64),
-                    "attention_mask": np.ones((1, keys.shape[3] + len(ids)), np.int64),
-                    "past_keys": keys,
-                    "past_values": values,
+                    "attention_mask": np.ones((1, cache[0].shape[2] + len(ids)), np.int64),
+                    **dict(zip(names, cache)),
                 }
-                logits, keys, values = session.run(None, feeds)
+                logits, *cache = session.run(None, feeds)
                 token, n = int(logits[0].argmax()), n + 1
                 if token == gen.tokenizer.eos_token_id:
                     break
