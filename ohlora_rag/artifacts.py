@@ -173,6 +173,37 @@ def staged_folder(out: Path, keep_existing: Callable[[Path], bool] | None = None
         yield folder
 
 
+def prune_copies(current: Path, pattern: str, keep: int) -> None:
+    """Remove the folders beside `current` that match `pattern`, but for `current` and the `keep` - 1 most recently
+    written others: derived copies (merges, exports) of models no longer in use. Best effort."""
+    others = [p for p in current.parent.glob(pattern) if p.is_dir() and p != current]
+    for old in sorted(others, key=_modified, reverse=True)[max(keep - 1, 0) :]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _modified(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def complete_copy(folder: Path, manifest: str, expected: Mapping[str, Any], files: set[str]) -> dict[str, Any] | None:
+    """The manifest of a derived copy when it is complete: its fields include `expected` and it records the sizes
+    ("sizes": {name: bytes}) of exactly `files`, which the files on disk have; None otherwise (missing, partial,
+    made from something else)."""
+    try:
+        record = read_json_object(folder / manifest)
+        sizes = record["sizes"]
+        if any(record.get(k) != v for k, v in expected.items()) or not isinstance(sizes, dict) or set(sizes) != files:
+            return None
+        if all((folder / name).stat().st_size == size for name, size in sizes.items()):
+            return record
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    return None
+
+
 # --- manifests ---------------------------------------------------------------------------------------------------
 
 

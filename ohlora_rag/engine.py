@@ -175,11 +175,9 @@ def _answering_llm(choice: LLMChoice, config: AskConfig) -> tuple[TextGenerator,
         return copy, None
     llm = Generator(choice, dtype=config.dtype)
     folder = onnx_llm.export(llm)
-    copy = onnx_llm.load(choice, config.dtype) if folder is not None else None
-    if copy is None:
-        return llm, None
-    copy._sampler = llm  # sampled answers keep the torch model this run loaded anyway
-    return copy, str(folder)
+    # sampled answers keep the torch model this run loaded anyway
+    copy = onnx_llm.load(choice, config.dtype, sampler=llm) if folder is not None else None
+    return (llm, None) if copy is None else (copy, str(folder))
 
 
 class QueryEngine:

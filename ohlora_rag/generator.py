@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifacts import hash_into, staged_folder
+from .artifacts import hash_into, prune_copies, staged_folder
 from .config import DEFAULT_LLM, AskConfig, Paths
 from .device import configure_threads
 from .errors import ModelNotFoundError, OhloraError
@@ -41,6 +41,22 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # CUDA generators too
+
+
+def started_on_use(reply: Reply, produce: Callable[[], Any]) -> Reply:
+    """`reply`, whose producer `produce` runs when it is first used: on the caller's thread for `result()`, in a
+    worker thread for an iterating consumer."""
+
+    def begin(inline: bool) -> None:
+        if inline:
+            produce()
+            return
+        # Not a daemon: a reply ends as soon as its row is done, a step before generation returns; a process that
+        # exits right after its answer waits for that step instead of killing torch mid-call (abort, status 134).
+        threading.Thread(target=produce, name="ohlora-generate").start()
+
+    reply.begin_with(begin)
+    return reply
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
@@ -130,16 +146,12 @@ def merged_folder(choice: LLMChoice) -> Path | None:
 def _keep_merged(model: Any, folder: Path) -> None:
     """Save a merged model for the next run (staged, then swapped in; older merges removed). Best effort: a cache
     that cannot be written (read-only home, full disk) costs the next run the merge again, nothing else."""
-    import shutil
-
     try:
         with staged_folder(folder, keep_existing=lambda out: (out / "config.json").is_file()) as staging:
             model.save_pretrained(staging, safe_serialization=True)
     except (OSError, OhloraError):  # unwritable, full, or its lock held by another writer too long
         return
-    for old in folder.parent.glob("merged-*"):
-        if old != folder:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_copies(folder, "merged-*", keep=1)
 
 
 def shipped_adapter() -> Path | None:
@@ -211,17 +223,7 @@ class Generator:
             seed: seeds sampling for reproducible answers.
         """
         pending = self.pending(prompt, max_new_tokens, temperature, seed)
-
-        def begin(inline: bool) -> None:
-            if inline:
-                self.run([pending])
-                return
-            # Not a daemon: a reply ends as soon as its row is done, a step before `generate` returns; a process that
-            # exits right after its answer waits for that step instead of killing torch mid-call (abort, status 134).
-            threading.Thread(target=self.run, args=([pending],), name="ohlora-generate").start()
-
-        pending.reply.begin_with(begin)
-        return pending.reply
+        return started_on_use(pending.reply, lambda: self.run([pending]))
 
     def generate(
         self,

@@ -13,15 +13,12 @@ torch path. A missing, partial or unreadable copy only costs the torch load, nev
 
 from __future__ import annotations
 
-import json
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .artifacts import staged_folder
+from .artifacts import complete_copy, prune_copies, staged_folder, utc_timestamp, write_json
 from .errors import OhloraError
 
 EXPORT_FORMAT = 1
@@ -45,26 +42,10 @@ def exportable(model_config: dict[str, Any]) -> bool:
     return model_config.get("model_type") == "bert"
 
 
-def _manifest(folder: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def ready(folder: Path, fingerprint: str) -> bool:
     """A complete export of this encoder: its manifest names the fingerprint and the files have their sizes."""
-    manifest = _manifest(folder)
-    if not manifest or manifest.get("format") != EXPORT_FORMAT or manifest.get("fingerprint") != fingerprint:
-        return False
-    sizes = manifest.get("sizes")
-    if not isinstance(sizes, dict) or set(sizes) != {MODEL_FILE, EMBEDDINGS_FILE}:
-        return False
-    try:
-        return all((folder / name).stat().st_size == size for name, size in sizes.items())
-    except OSError:
-        return False
+    expected = {"format": EXPORT_FORMAT, "fingerprint": fingerprint}
+    return complete_copy(folder, MANIFEST_FILE, expected, {MODEL_FILE, EMBEDDINGS_FILE}) is not None
 
 
 def export(transformer: Any, fingerprint: str, cache: Path) -> Path | None:
@@ -91,17 +72,8 @@ def export(transformer: Any, fingerprint: str, cache: Path) -> Path | None:
         return None
     except Exception:  # noqa: BLE001 - the exporter (torch.onnx, onnx) failing on this model: keep torch
         return None
-    for old in sorted((p for p in cache.glob(f"{PREFIX}*") if p.is_dir()), key=_age)[KEEP:]:
-        if old != folder:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_copies(folder, f"{PREFIX}*", KEEP)
     return folder
-
-
-def _age(folder: Path) -> float:
-    try:
-        return -(folder / MANIFEST_FILE).stat().st_mtime
-    except OSError:
-        return 0.0
 
 
 def _write(transformer: Any, fingerprint: str, out: Path) -> None:
@@ -147,10 +119,10 @@ def _write(transformer: Any, fingerprint: str, out: Path) -> None:
         "format": EXPORT_FORMAT,
         "fingerprint": fingerprint,
         "made_by": f"torch {torch.__version__} torch.onnx (opset {OPSET})",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": utc_timestamp(),
         "sizes": {name: (out / name).stat().st_size for name in (MODEL_FILE, EMBEDDINGS_FILE)},
     }
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_json(out / MANIFEST_FILE, manifest)
 
 
 class OnnxBody:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -27,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import staged_folder
+from .artifacts import complete_copy, prune_copies, staged_folder, utc_timestamp, write_json
 from .config import AskConfig
 from .errors import OhloraError
-from .generator import Generation, LLMChoice, Pending, Reply, _Row, encode_prompt, merged_folder
+from .generator import LLMChoice, Pending, Reply, _Row, encode_prompt, merged_folder, started_on_use
 from .prompt import PromptBuilder
 
 EXPORT_FORMAT = 2  # 2: one cache input and output per layer (1 stacked them: 10-15 % of a step in copies)
@@ -69,31 +68,14 @@ def _runtime_version() -> str:
     return str(onnxruntime.__version__)
 
 
-def _manifest(folder: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def ready(folder: Path, key: str) -> dict[str, Any] | None:
     """The manifest of a complete copy made for this key by this onnxruntime version (an optimised graph is
     specific to the version that wrote it); None otherwise."""
-    manifest = _manifest(folder)
-    if not manifest or manifest.get("format") != EXPORT_FORMAT or manifest.get("key") != key:
-        return None
     try:
-        if manifest.get("onnxruntime") != _runtime_version():
-            return None
-        sizes = manifest["sizes"]
-        if set(sizes) != {GRAPH_FILE, WEIGHTS_FILE, TOKENIZER_FILE}:
-            return None
-        if not all((folder / name).stat().st_size == size for name, size in sizes.items()):
-            return None
-    except (ImportError, OSError, KeyError, TypeError, AttributeError):
+        expected = {"format": EXPORT_FORMAT, "key": key, "onnxruntime": _runtime_version()}
+    except ImportError:
         return None
-    return manifest
+    return complete_copy(folder, MANIFEST_FILE, expected, {GRAPH_FILE, WEIGHTS_FILE, TOKENIZER_FILE})
 
 
 class LiteTokenizer:
@@ -190,7 +172,9 @@ class OnnxGenerator:
     """`TextGenerator` over the ONNX copy: greedy answers streamed like `Generator`'s; sampled ones go to a torch
     `Generator` loaded on first use (torch's sampler and seeds, so a seeded answer is what it always was)."""
 
-    def __init__(self, choice: LLMChoice, folder: Path, meta: dict[str, Any], dtype: str = "auto") -> None:
+    def __init__(
+        self, choice: LLMChoice, folder: Path, meta: dict[str, Any], dtype: str = "auto", sampler: Any = None
+    ) -> None:
         self.choice = choice
         self.folder = folder
         self.dtype = "float32"
@@ -198,7 +182,7 @@ class OnnxGenerator:
         self.tokenizer = LiteTokenizer(folder, meta)
         self.prompts = PromptBuilder.create(self.tokenizer, choice.template)
         self.model = OnnxLM(folder, meta)
-        self._sampler: Any = None
+        self._sampler: Any = sampler  # the torch Generator sampled answers come from (loaded on first use if None)
         self._lock = threading.Lock()  # one decoding loop at a time: the session's threads are the machine's cores
 
     def start(
@@ -212,18 +196,7 @@ class OnnxGenerator:
         if temperature > 0:
             return self._torch().start(prompt, max_new_tokens, temperature, seed)
         pending = Pending(Reply(), encode_prompt(self.tokenizer, prompt), max_new_tokens)
-
-        def begin(inline: bool) -> None:
-            if inline:
-                self.run(pending)
-            else:
-                threading.Thread(target=self.run, args=(pending,), name="ohlora-generate").start()
-
-        pending.reply.begin_with(begin)
-        return pending.reply
-
-    def generate(self, prompt: str, max_new_tokens: int = AskConfig.max_new_tokens) -> Generation:
-        return self.start(prompt, max_new_tokens).result()
+        return started_on_use(pending.reply, lambda: self.run(pending))
 
     def run(self, pending: Pending) -> None:
         """Greedy decoding of one prompt until EOS, a stop marker, its limit or cancellation."""
@@ -252,9 +225,9 @@ class OnnxGenerator:
             return self._sampler
 
 
-def load(choice: LLMChoice, dtype: str = "auto") -> OnnxGenerator | None:
-    """The copy of this choice's LLM, ready to answer; None when there is none, it is incomplete, or onnxruntime
-    cannot read it."""
+def load(choice: LLMChoice, dtype: str = "auto", sampler: Any = None) -> OnnxGenerator | None:
+    """The copy of this choice's LLM, ready to answer (`sampler`: a torch `Generator` of the same choice, already
+    loaded, for sampled answers); None when there is none, it is incomplete, or onnxruntime cannot read it."""
     key = copy_key(choice)
     if key is None or choice.cache is None:
         return None
@@ -263,7 +236,7 @@ def load(choice: LLMChoice, dtype: str = "auto") -> OnnxGenerator | None:
     if meta is None:
         return None
     try:
-        return OnnxGenerator(choice, folder, meta, dtype)
+        return OnnxGenerator(choice, folder, meta, dtype, sampler)
     except Exception:  # noqa: BLE001 - a damaged graph or tokenizer file: the torch path serves
         return None
 
@@ -296,9 +269,7 @@ def export(generator: Any) -> Path | None:
     except Exception as exc:  # noqa: BLE001 - the exporter or the optimiser failing on this model: keep torch
         _note_failure(failed, exc)
         return None
-    for old in sorted((p for p in choice.cache.glob(f"{PREFIX}*") if p.is_dir()), key=_age)[KEEP:]:
-        if old != folder:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_copies(folder, f"{PREFIX}*", KEEP)
     return folder
 
 
@@ -310,13 +281,6 @@ def _note_failure(marker: Path, exc: BaseException) -> None:
     """Remember that this model's export failed (with this onnxruntime), and why, so later runs skip it."""
     with contextlib.suppress(OSError):
         marker.write_text(f"{_runtime_version()} {type(exc).__name__}: {exc}\n", encoding="utf-8")
-
-
-def _age(folder: Path) -> float:
-    try:
-        return -(folder / MANIFEST_FILE).stat().st_mtime
-    except OSError:
-        return 0.0
 
 
 def _write(generator: Any, key: str, out: Path) -> None:
@@ -402,7 +366,7 @@ def _write(generator: Any, key: str, out: Path) -> None:
         "key": key,
         "onnxruntime": ort.__version__,
         "made_by": f"torch {torch.__version__} torch.onnx (opset {OPSET}), onnxruntime {ort.__version__}",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": utc_timestamp(),
         "layers": layers,
         "kv_heads": kv_heads,
         "head_dim": head_dim,
@@ -414,7 +378,7 @@ def _write(generator: Any, key: str, out: Path) -> None:
     }
     _check(generator, out, meta, prompt_ids, reference)
     meta["sizes"] = {name: (out / name).stat().st_size for name in (GRAPH_FILE, WEIGHTS_FILE, TOKENIZER_FILE)}
-    (out / MANIFEST_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    write_json(out / MANIFEST_FILE, meta)
 
 
 def _check(generator: Any, out: Path, meta: dict[str, Any], prompt_ids: list[int], reference: list[int]) -> None:

@@ -227,6 +227,8 @@ class Retriever:
         known_scores = None if known is None else vectors @ known.vectors.T  # (nq, m)
         out = []
         for i, question in enumerate(questions):
+            # skip_own: the known questions identical to this one (as if it were new: neither their keys nor words)
+            own = (known.questions == question) & skip_own if known is not None else np.zeros(0, bool)
             bm = stored.lexical.scores(question)  # (n,)
             lexical = np.argpartition(-bm, k - 1)[:k] if k < n else np.arange(n)
             dense = [int(p) for p in dense_positions[i] if p >= 0]
@@ -238,7 +240,7 @@ class Retriever:
             if known is not None and known_scores is not None:
                 row = known_scores[i].astype(np.float64)
                 if skip_own:
-                    row = np.where(known.questions == question, -1.0, row)
+                    row = np.where(own, -1.0, row)
                 entries, inverse, answered = self._known_entries()
                 unanswerable = float(row[~answered].max(initial=0.0))
                 per_entry = np.full(len(entries), -1.0)
@@ -254,12 +256,10 @@ class Retriever:
             tokens = tokenize(question)
             words = set(tokens)
             name = np.asarray([self._name_match(words, int(p)) for p in positions], dtype=np.float64)
-            own = (
-                [(int(p), set(tokenize(q))) for q, p in zip(known.questions, known.positions) if q == question]
-                if skip_own and known is not None
-                else []
+            skipped = Counter(known.positions[own].tolist()) if known is not None else Counter()
+            coverage = np.asarray(
+                [self._coverage(tokens, int(p), skipped[int(p)]) for p in positions], dtype=np.float64
             )
-            coverage = np.asarray([self._coverage(tokens, int(p), own) for p in positions], dtype=np.float64)
             near = None if known is None else np.asarray([best.get(int(p), -1.0) for p in positions])
             out.append(
                 Signals(
@@ -277,21 +277,16 @@ class Retriever:
             )
         return out
 
-    def _coverage(self, tokens: list[str], position: int, own: list[tuple[int, set[str]]]) -> float:
-        """Share of the question's tokens found in the entry's text or in one of its known questions (`own`: known
-        questions identical to the question, left out as `skip_own` asks)."""
+    def _coverage(self, tokens: list[str], position: int, skipped: int = 0) -> float:
+        """Share of the question's tokens found in the entry's text or in one of its known questions (`skipped`: how
+        many of those are the question itself, left out as `skip_own` asks — each has every one of its tokens)."""
         if not tokens:
             return 0.0
         words = self._words.get(position)
         if words is None:
             words = self._words[position] = set(tokenize(self.stored.entry(position)["text"]))
         known = self._known_counts().get(position, Counter())
-        mine = [w for p, w in own if p == position]
-
-        def covered(token: str) -> bool:
-            return token in words or known[token] - sum(token in w for w in mine) > 0
-
-        return sum(map(covered, tokens)) / len(tokens)
+        return sum(token in words or known[token] > skipped for token in tokens) / len(tokens)
 
     def _known_counts(self) -> dict[int, Counter[str]]:
         """Per entry, how many of its known questions contain each token; once per index."""
