@@ -208,10 +208,6 @@ class Encoder:
         return self._encode(texts, self.prompts.get(kind, ""), batch_size, progress)
 
     def _encode(self, texts: Sequence[str], prompt: str, batch_size: int, progress: bool) -> np.ndarray:
-        if self.onnx is not None:
-            return self._encode_onnx(texts, prompt, batch_size)
-        import torch
-
         # Longest first, as sentence-transformers batches: similar lengths pad little.
         order = np.argsort([-len(t) for t in texts], kind="stable")
         out = np.empty((len(texts), self.dim), np.float32)
@@ -220,37 +216,38 @@ class Encoder:
             from tqdm.auto import tqdm
 
             starts = tqdm(starts, desc="Batches")
-        with torch.inference_mode():
-            for start in starts:
-                rows = order[start : start + batch_size]
-                encoded = self.tokenizer.encode_batch([prompt + texts[i] for i in rows])
-                ids = torch.tensor([e.ids for e in encoded], device=self.device)
-                attention = torch.tensor([e.attention_mask for e in encoded], device=self.device)
-                hidden = self.transformer(input_ids=ids, attention_mask=attention).last_hidden_state.float()
-                if self.pooling == "cls":
-                    pooled = hidden[:, 0]
-                else:
-                    mask = attention.unsqueeze(-1).to(hidden.dtype)  # (b, tokens, 1)
-                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                out[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
-        return out  # (n, dim), unit rows
-
-    def _encode_onnx(self, texts: Sequence[str], prompt: str, batch_size: int) -> np.ndarray:
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        out = np.empty((len(texts), self.dim), np.float32)
-        for start in range(0, len(texts), batch_size):
+        pool = self._pool_onnx if self.onnx is not None else self._pool_torch
+        for start in starts:
             rows = order[start : start + batch_size]
             encoded = self.tokenizer.encode_batch([prompt + texts[i] for i in rows])
-            ids = np.array([e.ids for e in encoded], np.int64)  # (b, tokens)
-            attention = np.array([e.attention_mask for e in encoded], np.int64)
-            hidden = self.onnx(ids, attention)  # (b, tokens, dim)
+            out[rows] = pool([e.ids for e in encoded], [e.attention_mask for e in encoded])
+        return out  # (n, dim), unit rows
+
+    def _pool_torch(self, ids: list[list[int]], attention: list[list[int]]) -> np.ndarray:
+        """One padded batch through the torch model: float32 (b, dim), unit rows."""
+        import torch
+
+        with torch.inference_mode():
+            input_ids = torch.tensor(ids, device=self.device)
+            mask = torch.tensor(attention, device=self.device)
+            hidden = self.transformer(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
             if self.pooling == "cls":
                 pooled = hidden[:, 0]
             else:
-                mask = attention[:, :, None].astype(np.float32)
-                pooled = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
-            out[rows] = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
-        return out  # (n, dim), unit rows
+                weights = mask.unsqueeze(-1).to(hidden.dtype)  # (b, tokens, 1)
+                pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+
+    def _pool_onnx(self, ids: list[list[int]], attention: list[list[int]]) -> np.ndarray:
+        """One padded batch through the ONNX copy: float32 (b, dim), unit rows (the same pooling, in numpy)."""
+        mask = np.array(attention, np.int64)  # (b, tokens)
+        hidden = self.onnx(np.array(ids, np.int64), mask)  # (b, tokens, dim)
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            weights = mask[:, :, None].astype(np.float32)
+            pooled = (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
+        return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
 
     def encode_queries(self, texts: Sequence[str], batch_size: int = ENCODE_BATCH) -> np.ndarray:
         return self.encode(texts, "query", batch_size)
