@@ -9,13 +9,22 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import FALLBACK_THRESHOLD, SBERT_TRAIN_DATA, IndexConfig, Paths
-from .data import ConceptDB, LabelledQuestions, load_concepts, load_labelled_questions
+from .config import CONVERSATIONS_TRAIN_DATA, FALLBACK_THRESHOLD, SBERT_TRAIN_DATA, IndexConfig, Paths
+from .conversation import FollowModel, fit_follow
+from .data import (
+    ConceptDB,
+    ConversationTurn,
+    LabelledQuestions,
+    load_concepts,
+    load_conversations,
+    load_labelled_questions,
+)
 from .decision import DecisionModel, fit_decision
 from .encoder import Encoder
-from .errors import OhloraError
+from .errors import DataFormatError, OhloraError
 from .lexical import LexicalIndex
 from .models import choose_encoder, read_manifest
+from .retriever import Retriever
 from .store import KnownQuestions, Manifest, ScoreStats, StoredIndex, VectorIndex, check_writable, write_index
 
 
@@ -29,6 +38,7 @@ class BuildReport:
     encode_seconds: float
     total_seconds: float
     decision: DecisionModel | None = None
+    follow: FollowModel | None = None
     onnx: str | None = None  # the encoder's ONNX copy (onnx_encoder), when written or already there
     onnx_seconds: float = 0.0
 
@@ -51,6 +61,29 @@ def known_questions_file(config: IndexConfig, paths: Paths) -> Path | None:
     if config.known_questions is not None:
         return config.known_questions
     return _own_db_default(config, paths, paths.home / SBERT_TRAIN_DATA)
+
+
+def conversations_file(config: IndexConfig, paths: Paths) -> Path | None:
+    """The labelled conversations the follow-up model is fitted on: `config.conversations`, else
+    data/conversations_train.jsonl when the DB is the project's own and the file exists; none without an entry
+    decision or with `use_conversations=False`."""
+    if not config.use_conversations or not config.calibrate:
+        return None
+    if config.conversations is not None:
+        return config.conversations
+    return _own_db_default(config, paths, paths.home / CONVERSATIONS_TRAIN_DATA)
+
+
+def check_conversations(conversations: list[list[ConversationTurn]], db: ConceptDB, path: Path) -> None:
+    """Every labelled entry of the conversations must be in the DB being indexed."""
+    ids = set(db.ids)
+    for turns in conversations:
+        for turn in turns:
+            if turn.concept_id is not None and turn.concept_id not in ids:
+                raise DataFormatError(
+                    f"{path}: concept_id {turn.concept_id!r} is not an entry of {db.path} — fix the file, or give "
+                    "--no-conversations"
+                )
 
 
 def _own_db_default(config: IndexConfig, paths: Paths, default: Path) -> Path | None:
@@ -98,8 +131,6 @@ def in_memory_index(db: ConceptDB, encoder: Encoder, batch_size: int, progress: 
 
 def fit_on(stored: StoredIndex, encoder: Encoder, db: ConceptDB, labelled: LabelledQuestions) -> DecisionModel:
     """Fit the decision model of an index on labelled questions."""
-    from .retriever import Retriever
-
     gold = labelled.positions(db)
     retriever = Retriever(stored, encoder, FALLBACK_THRESHOLD)
     signals = retriever.signals(labelled.questions, skip_own=True)
@@ -125,9 +156,13 @@ def build_index(config: IndexConfig | None = None, paths: Paths | None = None) -
     labelled = load_labelled_questions(calib) if calib else None
     known_file = known_questions_file(config, paths)
     known_labelled = load_labelled_questions(known_file) if known_file else None
+    conv_file = conversations_file(config, paths)
+    conversations = load_conversations(conv_file) if conv_file else None
     for checked in (labelled, known_labelled):
         if checked is not None:
             checked.positions(db)  # every labelled entry must be in this DB: refuse before encoding
+    if conversations is not None and conv_file is not None:
+        check_conversations(conversations, db, conv_file)
     check_writable(paths.index_dir)  # a read-only index/ fails now, not after minutes of encoding
     ref = choose_encoder(config.encoder, paths)
     encoder = Encoder(ref, runtime="torch")
@@ -142,6 +177,10 @@ def build_index(config: IndexConfig | None = None, paths: Paths | None = None) -
     manifest.threshold = float(calibrated) if isinstance(calibrated, (int, float)) else None
     decision = fit_on(stored, encoder, db, labelled) if labelled is not None else None
     manifest.decision = decision.to_dict() if decision else None
+    follow = None
+    if decision is not None and conversations is not None and conv_file is not None:
+        follow = fit_follow(Retriever(stored, encoder, FALLBACK_THRESHOLD, decision), conversations, str(conv_file))
+    manifest.follow = follow.to_dict() if follow else None
     folder = write_index(
         paths.index_dir, stored.vectors, stored.entries, manifest, stored.lexical, stored.stats, stored.known
     )
@@ -155,6 +194,7 @@ def build_index(config: IndexConfig | None = None, paths: Paths | None = None) -
         encode_seconds,
         time.perf_counter() - start,
         decision,
+        follow,
         str(onnx) if onnx else None,
         onnx_seconds,
     )

@@ -143,6 +143,8 @@ def build_index_cmd(
     no_calibrate: Annotated[bool, option(IndexConfig, "calibrate")] = False,
     known: Annotated[Path | None, option(IndexConfig, "known_questions")] = None,
     no_known: Annotated[bool, option(IndexConfig, "use_known")] = False,
+    conversations: Annotated[Path | None, option(IndexConfig, "conversations")] = None,
+    no_conversations: Annotated[bool, option(IndexConfig, "use_conversations")] = False,
     no_onnx: Annotated[bool, option(IndexConfig, "onnx")] = False,
     quiet: Annotated[bool, option(IndexConfig, "progress")] = False,
 ) -> None:
@@ -158,6 +160,8 @@ def build_index_cmd(
         calibrate=not no_calibrate,
         known_questions=known,
         use_known=not no_known,
+        conversations=conversations,
+        use_conversations=not no_conversations,
         onnx=not no_onnx,
     )
     report = build_index(config, _paths())
@@ -173,6 +177,13 @@ def build_index_cmd(
             f"entry decision fitted on {report.decision.calibrated_on}: cutoff {report.decision.cutoff:.3f}; there "
             f"right entry {d['right']:.3f}, wrong {d['wrong']:.3f}, near-miss declined {d['near_miss_declined']:.3f}, "
             f"unrelated declined {d['unrelated_declined']:.3f}"
+        )
+    if report.follow is not None:
+        f = report.follow.metrics
+        typer.echo(
+            f"follow-up model fitted on {report.follow.calibrated_on} ({f['turns']} turns): cutoff "
+            f"{report.follow.cutoff:.2f}; there right entry "
+            + ", ".join(f"{kind.replace('_', '-')} {share:.3f}" for kind, share in f["right"].items())
         )
     if report.onnx is not None:
         typer.echo(f"the encoder's ONNX copy for search and ask: {report.onnx} ({report.onnx_seconds:.1f}s)")
@@ -434,21 +445,29 @@ def evaluate_conversations_cmd(
         "memory": evaluate_conversations(retriever, conversations, top_k),
         "alone": evaluate_conversations(retriever, conversations, top_k, follow=False),
     }
+    if retriever.follow is not None:  # the hand-written rule the fitted model replaced, for comparison
+        reports["rule"] = evaluate_conversations(retriever, conversations, top_k, rule=True)
     if as_json:
         typer.echo(json.dumps({"data": str(path), **{k: r.to_dict() for k, r in reports.items()}}))
         return
     typer.echo(f"{path}: {len(conversations)} conversations")
     kinds = list(reports["memory"].turns)
-    typer.echo(f"{'kind':<17}{'turns':>6}{'right':>9}{'clean':>9}{'followed':>10}{'alone: right':>14}")
+    rule = reports.get("rule")
+    extra = f"{'rule: right':>13}{'rule: clean':>13}" if rule else ""
+    typer.echo(f"{'kind':<17}{'turns':>6}{'right':>9}{'clean':>9}{'followed':>10}{'alone: right':>14}" + extra)
     for kind in kinds:
         m, a = reports["memory"], reports["alone"]
         clean = f"{m.clean[kind]:.3f}" if kind in m.clean else "-"
-        typer.echo(
-            f"{kind:<17}{m.turns[kind]:>6}{m.right[kind]:>9.3f}{clean:>9}{m.followed[kind]:>10.3f}{a.right[kind]:>14.3f}"
-        )
+        row = f"{kind:<17}{m.turns[kind]:>6}{m.right[kind]:>9.3f}{clean:>9}{m.followed[kind]:>10.3f}{a.right[kind]:>14.3f}"
+        if rule:
+            rule_clean = f"{rule.clean[kind]:.3f}" if kind in rule.clean else "-"
+            row += f"{rule.right[kind]:>13.3f}{rule_clean:>13}"
+        typer.echo(row)
+    model = "the fitted follow-up model" if rule else "the hand-written follow-up rule (the index has no fitted model)"
     typer.echo(
-        "(right: the entry put into the prompt is the labelled one, or none for off-topic; clean: a switch's entry is "
-        "not the previous topic's; followed: retrieved for the topic as a follow-up)"
+        f"(with memory: {model}; right: the entry put into the prompt is the labelled one, or none for off-topic; "
+        "clean: a switch's entry is not the previous topic's; followed: retrieved for the topic as a follow-up"
+        + ("; rule: the hand-written rule instead)" if rule else ")")
     )
 
 

@@ -31,6 +31,8 @@ ENCODE_BATCH = 32
 #: What train-sbert and train-llm train on when no --data is given, under the home folder.
 SBERT_TRAIN_DATA = Path("data/sbert_train.csv")
 LLM_TRAIN_DATA = (Path("data/sft_train.csv"), Path("data/sft_mismatch_train.csv"))
+#: What build-index fits the follow-up model on for the project's own DB, under the home folder.
+CONVERSATIONS_TRAIN_DATA = Path("data/conversations_train.jsonl")
 
 #: Longest concept DB entry, in characters: the encoder reads the first few hundred tokens, and the answering LLM's
 #: whole prompt has to hold the entry (the project's longest is under 1,000).
@@ -172,6 +174,18 @@ class IndexConfig:
         flag="--known-questions",
     )
     use_known: bool = knob(True, "Keep no known questions in the index.", flag="--no-known-questions", negate=True)
+    conversations: Path | None = knob(
+        None,
+        "Labelled conversations (JSON lines, as data/conversations_train.jsonl) to fit the follow-up model on "
+        f"(default: {CONVERSATIONS_TRAIN_DATA} for data/concepts.csv).",
+        flag="--conversations",
+    )
+    use_conversations: bool = knob(
+        True,
+        "Fit no follow-up model: conversations use the hand-written follow-up rule.",
+        flag="--no-conversations",
+        negate=True,
+    )
     onnx: bool = knob(
         True,
         "Write no ONNX copy of the encoder (models/cache/onnx-encoder-*, 470 MB for the default encoder), which cold `search` "
@@ -188,6 +202,10 @@ class IndexConfig:
             raise UsageError("--calibrate and --no-calibrate: give one of them")
         if self.known_questions is not None and not self.use_known:
             raise UsageError("--known-questions and --no-known-questions: give one of them")
+        if self.conversations is not None and not self.use_conversations:
+            raise UsageError("--conversations and --no-conversations: give one of them")
+        if self.conversations is not None and not self.calibrate:
+            raise UsageError("--conversations needs the entry decision: drop --no-calibrate")
 
 
 @dataclass

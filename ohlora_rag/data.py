@@ -492,13 +492,17 @@ def load_conversations(path: str | Path) -> list[list[ConversationTurn]]:
             continue
         try:
             record = json.loads(line)
-            turns = [ConversationTurn(str(t["q"]), t.get("concept_id"), str(t["kind"])) for t in record["turns"]]
+            turns = [
+                ConversationTurn(str(t["q"]).strip(), t.get("concept_id"), str(t["kind"])) for t in record["turns"]
+            ]
         except (ValueError, KeyError, TypeError) as exc:
             raise DataFormatError(
                 f"{path} line {number}: not a conversation ({exc}) — write "
                 '{"turns": [{"q": "...", "concept_id": "id or null", "kind": "first"}, ...]}'
             ) from None
         for turn in turns:
+            if not turn.question:
+                raise DataFormatError(f"{path} line {number}: a turn with an empty question — write the question")
             if turn.kind not in CONVERSATION_KINDS:
                 raise DataFormatError(
                     f"{path} line {number}: kind {turn.kind!r} — use one of {', '.join(CONVERSATION_KINDS)}"

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -104,22 +104,30 @@ class Signals:
         return np.stack(columns, axis=1)
 
 
+_M = TypeVar("_M", bound="LogisticModel")
+
+
 @dataclass
-class DecisionModel:
-    """Logistic model over standardised candidate features; `cutoff` on its probability decides."""
+class LogisticModel:
+    """A logistic model over standardised features; `cutoff` on its probability decides. Subclasses name their
+    features and version; a stored model of another version or feature list is refused with the fix."""
 
     coef: list[float]
     intercept: float
     mean: list[float]
     scale: list[float]
     cutoff: float
-    features: list[str] = field(default_factory=lambda: list(FEATURES))
-    version: int = DECISION_VERSION
+    features: list[str]
+    version: int
     calibrated_on: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
 
+    FEATURES: ClassVar[tuple[str, ...]] = ()
+    VERSION: ClassVar[int] = 0
+    WHAT: ClassVar[str] = "model"
+
     def probability(self, features: np.ndarray) -> np.ndarray:
-        """Args: features: (c, F). Returns: (c,) probability that each candidate is the right entry."""
+        """Args: features: (c, F). Returns: (c,) probabilities."""
         x = (features - np.asarray(self.mean)) / np.asarray(self.scale)
         logits = x @ np.asarray(self.coef) + self.intercept
         return 1.0 / (1.0 + np.exp(-logits))
@@ -128,30 +136,72 @@ class DecisionModel:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str) -> DecisionModel:
+    def fitted(
+        cls: type[_M],
+        x: np.ndarray,
+        y: np.ndarray,
+        regularisation: float,
+        calibrated_on: str,
+        use: Sequence[str],
+        seed: int = 0,
+    ) -> _M:
+        """Fit on features `x` (n, F) and 0/1 labels `y`; features not in `use` get weight 0; cutoff 0.5."""
+        from sklearn.linear_model import LogisticRegression
+
+        mean, scale = x.mean(axis=0), x.std(axis=0)
+        scale[scale < 1e-9] = 1.0
+        cols = [cls.FEATURES.index(f) for f in use]
+        clf = LogisticRegression(C=regularisation, max_iter=5000, random_state=seed)
+        clf.fit(((x - mean) / scale)[:, cols], y)
+        coef = np.zeros(len(cls.FEATURES))
+        coef[cols] = clf.coef_[0]
+        return cls(
+            coef=[float(c) for c in coef],
+            intercept=float(clf.intercept_[0]),
+            mean=[float(m) for m in mean],
+            scale=[float(s) for s in scale],
+            cutoff=0.5,
+            features=list(cls.FEATURES),
+            version=cls.VERSION,
+            calibrated_on=calibrated_on,
+        )
+
+    @classmethod
+    def from_dict(cls: type[_M], data: dict[str, Any], where: str) -> _M:
         try:
             model = cls(**data)
         except TypeError as exc:
+            raise DataFormatError(f"{where}: unreadable {cls.WHAT} ({exc}) — run `ohlora-rag build-index`") from None
+        if model.version != cls.VERSION or list(model.features) != list(cls.FEATURES):
             raise DataFormatError(
-                f"{where}: unreadable decision model ({exc}) — run `ohlora-rag build-index`"
-            ) from None
-        if model.version != DECISION_VERSION or list(model.features) != list(FEATURES):
-            raise DataFormatError(
-                f"{where}: decision model of another version ({model.version}) — run `ohlora-rag build-index`"
+                f"{where}: {cls.WHAT} of another version ({model.version}) — run `ohlora-rag build-index`"
             )
 
         def number(x: Any) -> bool:
             return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
+        n = len(cls.FEATURES)
         vectors = (model.coef, model.mean, model.scale)
-        if not all(isinstance(v, list) and len(v) == len(FEATURES) and all(map(number, v)) for v in vectors) or not (
+        if not all(isinstance(v, list) and len(v) == n and all(map(number, v)) for v in vectors) or not (
             number(model.intercept) and number(model.cutoff)
         ):
             raise DataFormatError(
-                f"{where}: unreadable decision model (its weights are not {len(FEATURES)} finite numbers each) — run "
+                f"{where}: unreadable {cls.WHAT} (its weights are not {n} finite numbers each) — run "
                 "`ohlora-rag build-index`"
             )
         return model
+
+
+@dataclass
+class DecisionModel(LogisticModel):
+    """Which candidate entry goes into the prompt: the probability that a candidate is the question's right entry."""
+
+    features: list[str] = field(default_factory=lambda: list(FEATURES))
+    version: int = DECISION_VERSION
+
+    FEATURES: ClassVar[tuple[str, ...]] = FEATURES
+    VERSION: ClassVar[int] = DECISION_VERSION
+    WHAT: ClassVar[str] = "decision model"
 
 
 @dataclass
@@ -226,8 +276,6 @@ def fit_decision(
         calibrated_on: the file's name, recorded with the model.
         use: the features the model may use (the others get weight 0) — for measuring what each signal adds.
     """
-    from sklearn.linear_model import LogisticRegression
-
     feats = [s.features() for s in signals]
     x = np.concatenate(feats)
     y = np.concatenate(
@@ -241,21 +289,7 @@ def fit_decision(
             f"{calibrated_on}: calibration needs questions whose right entry is among their candidates and "
             "questions without one"
         )
-    mean, scale = x.mean(axis=0), x.std(axis=0)
-    scale[scale < 1e-9] = 1.0
-    cols = [FEATURES.index(f) for f in use]
-    clf = LogisticRegression(C=REGULARISATION, max_iter=2000, random_state=seed)
-    clf.fit(((x - mean) / scale)[:, cols], y)
-    coef = np.zeros(len(FEATURES))
-    coef[cols] = clf.coef_[0]
-    model = DecisionModel(
-        coef=[float(c) for c in coef],
-        intercept=float(clf.intercept_[0]),
-        mean=[float(m) for m in mean],
-        scale=[float(s) for s in scale],
-        cutoff=0.5,
-        calibrated_on=calibrated_on,
-    )
+    model = DecisionModel.fitted(x, y, REGULARISATION, calibrated_on, use, seed)
     model.cutoff = choose_cutoff([model.probability(f) for f in feats], signals, gold, kinds)
     model.metrics = asdict(decide(model, signals, gold, kinds))
     return model

@@ -391,19 +391,21 @@ def evaluate_conversations(
     conversations: Sequence[Sequence[ConversationTurn]],
     top_k: int | None = None,
     follow: bool = True,
+    rule: bool = False,
 ) -> ConversationReport:
-    """Replay each conversation turn by turn (`follow=False`: every question alone, the no-memory baseline)."""
+    """Replay each conversation turn by turn (`follow=False`: every question alone, the no-memory baseline;
+    `rule=True`: the hand-written follow-up rule even when the index has a fitted follow-up model)."""
     from .conversation import Conversation
 
     right: dict[str, list[bool]] = {}
     clean: dict[str, list[bool]] = {}
     followed: dict[str, list[bool]] = {}
     for turns in conversations:
-        conversation = Conversation(retriever, top_k)
+        conversation = Conversation(retriever, top_k, rule=rule)
         previous: str | None = None
         for turn in turns:
             if not follow:
-                conversation = Conversation(retriever, top_k)
+                conversation = Conversation(retriever, top_k, rule=rule)
             best = conversation.search(turn.question).best
             got = best.id if best else None
             right.setdefault(turn.kind, []).append(got == turn.concept_id)

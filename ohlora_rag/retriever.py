@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from .errors import IndexMismatchError, OhloraError, UsageError
 from .lexical import entry_names, tokenize
 from .models import choose_encoder
 from .store import StoredIndex, load_index
+
+if TYPE_CHECKING:
+    from .conversation import FollowModel
 
 
 @dataclass
@@ -104,12 +107,14 @@ class Retriever:
         threshold: float,
         decision: DecisionModel | None = None,
         top_k: int = SearchConfig.top_k,
+        follow: FollowModel | None = None,
     ) -> None:
         self.stored = stored
         self.top_k = top_k  # entries a search returns unless it asks for another number
         self.encoder = encoder
         self.threshold = threshold
         self.decision = decision if stored.lexical is not None and stored.stats is not None else None
+        self.follow = follow if self.decision is not None else None  # fitted on the decision's probabilities
         self._names: dict[int, list[set[str]]] = {}
         self._recent: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
@@ -138,23 +143,32 @@ class Retriever:
                 f"(fingerprint {ref.fingerprint}) — run `ohlora-rag build-index` to rebuild it"
             )
         threshold = config.threshold
-        decision = None
+        decision = follow = None
         if threshold is None:
             threshold = manifest.threshold if manifest.threshold is not None else FALLBACK_THRESHOLD
+            where = str(stored.folder / "manifest.json")
             if manifest.decision is not None:
-                decision = DecisionModel.from_dict(manifest.decision, str(stored.folder / "manifest.json"))
-        return cls(stored, Encoder(ref, cache=paths.cache_dir), threshold, decision, config.top_k)
+                decision = DecisionModel.from_dict(manifest.decision, where)
+            if manifest.follow is not None:
+                from .conversation import FollowModel
+
+                follow = FollowModel.from_dict(manifest.follow, where)
+        return cls(stored, Encoder(ref, cache=paths.cache_dir), threshold, decision, config.top_k, follow)
 
     def search(self, question: str, top_k: int | None = None) -> SearchResult:
         """Top-k entries for one question (k: the loaded config's `top_k` unless given)."""
         return self.search_many([question], top_k)[0]
 
-    def search_many(self, questions: Sequence[str], top_k: int | None = None) -> list[SearchResult]:
-        """Top-k entries for each question (one encoder batch, one Faiss call)."""
+    def search_many(
+        self, questions: Sequence[str], top_k: int | None = None, vectors: np.ndarray | None = None
+    ) -> list[SearchResult]:
+        """Top-k entries for each question (one encoder batch, one Faiss call); `vectors`: their query vectors
+        (nq, d), when already encoded."""
         top_k = self.top_k if top_k is None else top_k
         cleaned = [check_question(q) for q in questions]
         start = time.perf_counter()
-        vectors = self._vectors(cleaned[0]) if len(cleaned) == 1 else self.encoder.encode_queries(cleaned)  # (nq, d)
+        if vectors is None:
+            vectors = self._vectors(cleaned[0]) if len(cleaned) == 1 else self.encoder.encode_queries(cleaned)
         if not np.isfinite(vectors).all():
             raise OhloraError(
                 f"encoder {self.encoder.ref.reference} returned non-finite vectors for the question — check the "
@@ -321,10 +335,13 @@ class Retriever:
                the DB's field, lower for one about something else).
             Both are 0 for an index without score statistics.
         """
+        return self.relatedness_of(self._vectors(question), position)
+
+    def relatedness_of(self, vector: np.ndarray, position: int) -> tuple[float, float]:
+        """`relatedness` for a query vector (1, d) already encoded."""
         stats = self.stored.stats
         if stats is None:
             return 0.0, 0.0
-        vector = self._vectors(question)
         cosine = float((self.stored.vectors.vectors_at(np.asarray([position])) @ vector[0])[0])
         mu, sigma = stats.mu_sigma(vector)
         if self._typical_mean is None:  # once per index; over at most TYPICAL_SAMPLE evenly spaced entries
@@ -332,6 +349,14 @@ class Retriever:
             sample = np.unique(np.linspace(0, n - 1, min(n, TYPICAL_SAMPLE)).astype(np.int64))
             self._typical_mean = float(np.median(stats.mu_sigma(self.stored.vectors.vectors_at(sample))[0]))
         return (cosine - float(mu[0])) / float(sigma[0]), float(mu[0]) / max(self._typical_mean, 1e-6)
+
+    def coverage(self, question: str, position: int) -> float:
+        """Share of the question's words found in the entry's text or in one of its known questions."""
+        return self._coverage(tokenize(question), position)
+
+    def query_vector(self, question: str) -> np.ndarray:
+        """The question's query vector (1, d); free right after `search(question)`."""
+        return self._vectors(check_question(question))
 
     def _vectors(self, question: str) -> np.ndarray:
         """The question's query vector, (1, d), remembered for the last few questions (a conversation asks twice)."""

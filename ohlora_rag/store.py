@@ -80,6 +80,8 @@ class Manifest:
     threshold: float | None = None
     decision: dict[str, Any] | None = None
     """The fitted entry decision (decision.DecisionModel as a dict); None means the cosine threshold alone."""
+    follow: dict[str, Any] | None = None
+    """The fitted follow-up model (conversation.FollowModel as a dict); None means the hand-written rule."""
     lexical: bool = False
     """The build holds a BM25 index of the entries and the entries' score statistics (hybrid retrieval)."""
     known_questions: int = 0
@@ -113,6 +115,7 @@ _MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "normalized": (bool,),
     "threshold": (int, float, type(None)),
     "decision": (dict, type(None)),
+    "follow": (dict, type(None)),
     "lexical": (bool,),
     "known_questions": (int,),
     "files": (dict, type(None)),

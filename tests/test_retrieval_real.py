@@ -9,6 +9,7 @@ import pytest
 
 from ohlora_rag.build import build_index
 from ohlora_rag.config import IndexConfig, Paths, SearchConfig
+from ohlora_rag.conversation import Conversation
 from ohlora_rag.retriever import Retriever
 from tests.conftest import SHARED_DATA
 
@@ -46,15 +47,26 @@ def test_original_db_korean_cosine_question(tmp_path: Path, e5_home: Paths, e5_f
 
 @pytest.mark.skipif(not (ROOT / "ohlora_rag" / "tutor" / "encoder_top.safetensors").exists(), reason="no shipped tutor")
 def test_default_tutor_encoder_and_decision_answer_or_decline(tmp_path: Path, e5_home: Paths, e5_folder: Path) -> None:
-    """Out of the box: the shipped tutor encoder, the decision fitted on data/trust_calib.csv."""
+    """Out of the box: the shipped tutor encoder, the decision fitted on data/trust_calib.csv, the follow-up model
+    fitted on data/conversations_train.jsonl."""
     paths = _home_with_encoder(tmp_path, e5_home, e5_folder)
     config = IndexConfig(
-        db=ROOT / "data" / "concepts.csv", calibration=ROOT / "data" / "trust_calib.csv", progress=False
+        db=ROOT / "data" / "concepts.csv",
+        calibration=ROOT / "data" / "trust_calib.csv",
+        conversations=ROOT / "data" / "conversations_train.jsonl",
+        progress=False,
     )
     report = build_index(config, paths)
-    assert report.manifest.encoder == "ohlora-tutor-e5" and report.decision is not None
+    assert report.manifest.encoder == "ohlora-tutor-e5" and report.decision is not None and report.follow is not None
     results = Retriever.load(SearchConfig(), paths).search_many(
         ["What is cosine similarity?", "dropout 이 뭐야?", "Who won the 2030 World Cup?", "🤖🤖🤖"], 3
     )
     assert [r.best.id if r.best else None for r in results] == ["cosine-similarity", "dropout", None, None]
     assert all(r.decision == "model" for r in results)
+    retriever = Retriever.load(SearchConfig(), paths)
+    assert retriever.follow is not None
+    conversation = Conversation(retriever)
+    asked = ["What is precision?", "how is it computed?", "ok and what is recall?", "what's the weather in Seoul?"]
+    got = [(r.best.id if r.best else None) for r in map(conversation.search, asked)]
+    assert got == ["precision", "precision", "recall", None]
+    assert [t.follow_up for t in conversation.turns] == [False, True, False, False]
