@@ -55,7 +55,7 @@ def main() -> None:
         "follow-up model": lambda: replay(False),
     }
     timings: dict[str, list[float]] = {name: [] for name in ways}
-    for name, way in ways.items():
+    for way in ways.values():
         way()  # warm-up: encoder sessions, caches
     for _ in range(args.repeat):  # interleaved, so a drift of the machine's speed hits every way alike
         for name, way in ways.items():
