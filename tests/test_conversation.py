@@ -204,3 +204,18 @@ def test_a_stored_model_of_another_version_is_refused() -> None:
         FollowModel.from_dict({**model.to_dict(), "version": 99}, "m.json")
     with pytest.raises(DataFormatError, match="not 17 finite numbers"):
         FollowModel.from_dict({**model.to_dict(), "coef": [float("nan")] * len(FOLLOW_FEATURES)}, "m.json")
+
+
+def test_a_replayed_history_encodes_nothing_again(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server replays a conversation's earlier questions on every request: the second time, from memory."""
+    assert runner.invoke(app, ["build-index", "-q", "--no-calibrate"]).exit_code == 0
+    retriever = Retriever.load(paths=Paths.resolve())
+    history = [f"and what about dropout rate number {i}?" for i in range(50)]
+    Conversation.replay(retriever, history)
+    encoded: list[int] = []
+    encode = retriever.encoder.encode_queries
+    monkeypatch.setattr(
+        retriever.encoder, "encode_queries", lambda texts, **kw: encoded.append(len(texts)) or encode(texts, **kw)
+    )
+    again = Conversation.replay(retriever, history)
+    assert encoded == [] and len(again.turns) == 50 and any(t.follow_up for t in again.turns)
