@@ -177,7 +177,7 @@ class _Row:
     question: str
     topic: str
     topic_position: int
-    follows: bool
+    kind: str  # follow_up, switch or offtopic_switch
     gold: str | None
     alone: SearchResult
 
@@ -213,8 +213,7 @@ def fit_follow(
         for turn in turns:
             result = alone[turn.question]
             if topic is not None and topic_position is not None and turn.kind != "first":
-                follows = turn.kind == "follow_up"
-                row = _Row(turn.question, topic, topic_position, follows, turn.concept_id, result)
+                row = _Row(turn.question, topic, topic_position, turn.kind, turn.concept_id, result)
                 (gated if names_another(retriever, turn.question, result, topic_position) else rows).append(row)
             if turn.kind == "follow_up" and topic is not None:
                 topic = f"{topic} {turn.question}"
@@ -222,7 +221,7 @@ def fit_follow(
                 topic, topic_position = turn.question, position_of[turn.concept_id]
             elif result.hits:  # as `Conversation` does: an unmatched question still sets the topic
                 topic, topic_position = turn.question, result.hits[0].position
-    labels = np.asarray([row.follows for row in rows], dtype=int)
+    labels = np.asarray([row.kind == "follow_up" for row in rows], dtype=int)
     if len(rows) == 0 or labels.min() == labels.max():
         raise DataFormatError(f"{where}: fitting the follow-up model needs both follow-ups and new questions")
     together = retriever.search_many([f"{row.topic} {row.question}" for row in rows])
@@ -239,8 +238,7 @@ def fit_follow(
     right: dict[str, list[bool]] = {}
     for row, follow, joint in zip(rows + gated, follows, joints):
         best = joint.best if follow and joint is not None and joint.best is not None else row.alone.best
-        kind = "follow_up" if row.follows else "switch" if row.gold is not None else "offtopic"
-        right.setdefault(kind, []).append((best.id if best else None) == row.gold)
+        right.setdefault(row.kind, []).append((best.id if best else None) == row.gold)
     model.metrics = {
         "turns": len(rows) + len(gated),
         "decided": len(rows),
@@ -283,18 +281,10 @@ class Conversation:
         alone = self.retriever.search(question, self.top_k)
         turn = Turn(question, question, alone, False)
         if self.topic is not None and self.topic_position is not None:
-            model = None if self.rule else self.retriever.follow
             query = f"{self.topic} {question}"
-            if model is not None and not names_another(self.retriever, question, alone, self.topic_position):
-                together = self.retriever.search(query, self.top_k)
-                vector = self.retriever.query_vector(question)
-                x = follow_features(self.retriever, question, vector, self.topic_position, alone, together)
-                if together.best is not None and model.probability(x[None, :])[0] >= model.cutoff:
-                    turn = Turn(question, query, together, True)
-            elif model is None and self._leans_on_topic(question, alone):
-                together = self.retriever.search(query, self.top_k)
-                if together.best is not None:
-                    turn = Turn(question, query, together, True)
+            together = self._follow(question, alone, query, self.topic_position)
+            if together is not None and together.best is not None:
+                turn = Turn(question, query, together, True)
         self.turns.append(turn)
         if turn.follow_up:
             self.topic = turn.query
@@ -303,15 +293,30 @@ class Conversation:
             self.topic, self.topic_position = question, turn.result.hits[0].position
         return turn.result
 
-    def _leans_on_topic(self, question: str, alone: SearchResult) -> bool:
-        """The hand-written rule (an index without a fitted follow-up model)."""
-        assert self.topic_position is not None
-        if names_another(self.retriever, question, alone, self.topic_position):
-            return False  # a new question ("and what is recall?", "word2vec은 뭐야?")
+    def _follow(self, question: str, alone: SearchResult, query: str, topic_position: int) -> SearchResult | None:
+        """`query` (the topic's text + the question) searched when the question follows the topic — the follow-up
+        model's call, else the hand-written rule's — or None for a new question."""
+        if names_another(self.retriever, question, alone, topic_position):
+            return None  # a new question ("and what is recall?", "word2vec은 뭐야?")
+        model = None if self.rule else self.retriever.follow
+        if model is None:
+            return (
+                self.retriever.search(query, self.top_k)
+                if self._leans_on_topic(question, alone, topic_position)
+                else None
+            )
+        together = self.retriever.search(query, self.top_k)
+        vector = self.retriever.query_vector(question)
+        x = follow_features(self.retriever, question, vector, topic_position, alone, together)
+        return together if model.probability(x[None, :])[0] >= model.cutoff else None
+
+    def _leans_on_topic(self, question: str, alone: SearchResult, topic_position: int) -> bool:
+        """The hand-written rule (an index without a fitted follow-up model), for a question that names no other
+        entry."""
         top = alone.best
         if top is not None and top.confidence is not None and top.confidence >= CONFIDENT:
             return False  # matches an entry beyond doubt on its own
-        related, domain = self.retriever.relatedness(question, self.topic_position)
+        related, domain = self.retriever.relatedness(question, topic_position)
         if domain < IN_FIELD:
             return False  # about something else altogether ("who directed Parasite?")
         return refers_back(question) or related >= RELATED

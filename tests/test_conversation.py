@@ -3,7 +3,6 @@ the errors around its file."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from ohlora_rag.conversation import (
 from ohlora_rag.errors import DataFormatError, UsageError
 from ohlora_rag.retriever import Retriever
 
-from .test_decision import CALIB
+from .test_decision import CALIB, _write
 
 runner = CliRunner()
 
@@ -63,10 +62,7 @@ def _write_conversations(path: Path, conversations: list[dict[str, object]]) -> 
 
 
 def _write_calib(home: Path) -> None:
-    with (home / "data" / "trust_calib.csv").open("w", encoding="utf-8", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["question", "kind", "concept_id"])
-        writer.writerows(CALIB)
+    _write(home / "data" / "trust_calib.csv", ["question", "kind", "concept_id"], CALIB)
 
 
 def _manifest(home: Path) -> dict[str, object]:
