@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast lint bench clean-index tutor
+.PHONY: install demo test test-fast lint bench clean-index tutor tutor-judge
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -46,3 +46,10 @@ tutor: install
 	$(BIN)/ohlora-rag --home $$H train-llm --data $$H/data/sft_train.csv --data $$H/data/sft_mismatch_train.csv \
 	    --lora-r 8 --lora-alpha 16 -q && \
 	$(PY) -m ohlora_rag.importers.tutor $$H && rm -rf $$H
+
+# Reproduce ohlora_rag/tutor/judge/ (the follow-up judge that ships) from the seed, on the shipped tutor encoder, in a
+# scratch home: build-index (the entry decision the judge's training turns are replayed with), then train-judge.
+tutor-judge: install
+	H=$$(mktemp -d) && cp -r data $$H/ && \
+	$(BIN)/ohlora-rag --home $$H build-index -q --no-judge && \
+	$(BIN)/ohlora-rag --home $$H train-judge -q --out $(CURDIR)/ohlora_rag/tutor/judge && rm -rf $$H

@@ -1,6 +1,7 @@
 """What conversation memory costs per turn: every question of a conversations file searched alone (the bare search,
-no memory), with the hand-written follow-up rule, and with the fitted follow-up model (one more search per turn
-once there is a topic: the question together with the topic's text).
+no memory), with the hand-written follow-up rule, with the fitted follow-up model (one more search per turn once
+there is a topic: the question together with the topic's text), and with the model and its judge (one cross-encoder
+pass per turn on torch, when the index has a judge).
 
 Each way replays the whole file `--repeat` times after one warm-up pass on the published index (the encoder's ONNX
 copy when there is one); printed: milliseconds per turn (median over the repeats) and the ratio to the bare search.
@@ -43,9 +44,9 @@ def main() -> None:
             for turn in turns_:
                 retriever.search(turn.question)
 
-    def replay(rule: bool) -> None:
+    def replay(rule: bool, judge: bool = False) -> None:
         for turns_ in conversations:
-            conversation = Conversation(retriever, rule=rule)
+            conversation = Conversation(retriever, rule=rule, judge=judge)
             for turn in turns_:
                 conversation.search(turn.question)
 
@@ -54,6 +55,8 @@ def main() -> None:
         "hand-written rule": lambda: replay(True),
         "follow-up model": lambda: replay(False),
     }
+    if retriever.follow.judge is not None and retriever.follow_judge() is not None:
+        ways["follow-up model + judge"] = lambda: replay(False, judge=True)
     timings: dict[str, list[float]] = {name: [] for name in ways}
     for way in ways.values():
         way()  # warm-up: encoder sessions, caches

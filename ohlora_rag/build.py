@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import CONVERSATIONS_TRAIN_DATA, FALLBACK_THRESHOLD, SBERT_TRAIN_DATA, IndexConfig, Paths
-from .conversation import FollowModel, fit_follow
+from .conversation import JUDGE_CUTOFF, JUDGE_WEIGHT, FollowModel, fit_follow
 from .data import (
     ConceptDB,
     ConversationTurn,
@@ -22,6 +22,7 @@ from .data import (
 from .decision import DecisionModel, fit_decision
 from .encoder import Encoder
 from .errors import DataFormatError, OhloraError
+from .judge import judge_folder
 from .lexical import LexicalIndex
 from .models import choose_encoder, read_manifest
 from .retriever import Retriever
@@ -74,16 +75,14 @@ def conversations_file(config: IndexConfig, paths: Paths) -> Path | None:
     return _own_db_default(config, paths, paths.home / CONVERSATIONS_TRAIN_DATA)
 
 
-def check_conversations(conversations: list[list[ConversationTurn]], db: ConceptDB, path: Path) -> None:
-    """Every labelled entry of the conversations must be in the DB being indexed."""
-    ids = set(db.ids)
+def check_conversations(
+    conversations: list[list[ConversationTurn]], ids: set[str], path: Path, where: str, fix: str
+) -> None:
+    """Every labelled entry of the conversations must be an entry of `where` (the DB being indexed, or an index)."""
     for turns in conversations:
         for turn in turns:
             if turn.concept_id is not None and turn.concept_id not in ids:
-                raise DataFormatError(
-                    f"{path}: concept_id {turn.concept_id!r} is not an entry of {db.path} — fix the file, or give "
-                    "--no-conversations"
-                )
+                raise DataFormatError(f"{path}: concept_id {turn.concept_id!r} is not an entry of {where} — {fix}")
 
 
 def _own_db_default(config: IndexConfig, paths: Paths, default: Path) -> Path | None:
@@ -162,7 +161,9 @@ def build_index(config: IndexConfig | None = None, paths: Paths | None = None) -
         if checked is not None:
             checked.positions(db)  # every labelled entry must be in this DB: refuse before encoding
     if conversations is not None and conv_file is not None:
-        check_conversations(conversations, db, conv_file)
+        check_conversations(
+            conversations, set(db.ids), conv_file, str(db.path), "fix the file, or give --no-conversations"
+        )
     check_writable(paths.index_dir)  # a read-only index/ fails now, not after minutes of encoding
     ref = choose_encoder(config.encoder, paths)
     encoder = Encoder(ref, runtime="torch")
@@ -180,6 +181,8 @@ def build_index(config: IndexConfig | None = None, paths: Paths | None = None) -
     follow = None
     if decision is not None and conversations is not None and conv_file is not None:
         follow = fit_follow(Retriever(stored, encoder, FALLBACK_THRESHOLD, decision), conversations, str(conv_file))
+        if config.use_judge and judge_folder(paths.judge_dir, ref.reference) is not None:
+            follow.judge, follow.judge_cutoff = JUDGE_WEIGHT, JUDGE_CUTOFF
     manifest.follow = follow.to_dict() if follow else None
     folder = write_index(
         paths.index_dir, stored.vectors, stored.entries, manifest, stored.lexical, stored.stats, stored.known

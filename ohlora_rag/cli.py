@@ -21,6 +21,7 @@ from .config import (
     AskConfig,
     Defaults,
     IndexConfig,
+    JudgeTrainConfig,
     LlmTrainConfig,
     Paths,
     SbertTrainConfig,
@@ -145,6 +146,7 @@ def build_index_cmd(
     no_known: Annotated[bool, option(IndexConfig, "use_known")] = False,
     conversations: Annotated[Path | None, option(IndexConfig, "conversations")] = None,
     no_conversations: Annotated[bool, option(IndexConfig, "use_conversations")] = False,
+    no_judge: Annotated[bool, option(IndexConfig, "use_judge")] = False,
     no_onnx: Annotated[bool, option(IndexConfig, "onnx")] = False,
     quiet: Annotated[bool, option(IndexConfig, "progress")] = False,
 ) -> None:
@@ -162,6 +164,7 @@ def build_index_cmd(
         use_known=not no_known,
         conversations=conversations,
         use_conversations=not no_conversations,
+        use_judge=not no_judge,
         onnx=not no_onnx,
     )
     report = build_index(config, _paths())
@@ -185,6 +188,11 @@ def build_index_cmd(
             f"{report.follow.cutoff:.2f}; there right entry "
             + ", ".join(f"{kind.replace('_', '-')} {share:.3f}" for kind, share in f["right"].items())
         )
+        if report.follow.judge is not None:
+            typer.echo(
+                f"follow-up judge: weight {report.follow.judge:.2f}, combined cutoff {report.follow.judge_cutoff:.2f} "
+                "(loaded on a conversation's first follow-up)"
+            )
     if report.onnx is not None:
         typer.echo(f"the encoder's ONNX copy for search and ask: {report.onnx} ({report.onnx_seconds:.1f}s)")
 
@@ -522,6 +530,48 @@ def train_llm_cmd(
     )
 
 
+@app.command("train-judge", cls=_Command)
+@friendly
+def train_judge_cmd(
+    conversations: Annotated[Path | None, option(JudgeTrainConfig, "conversations")] = None,
+    encoder: Annotated[str, option(JudgeTrainConfig, "encoder")] = _D.judge.encoder,
+    epochs: Annotated[int, option(JudgeTrainConfig, "epochs")] = _D.judge.epochs,
+    batch_size: Annotated[int, option(JudgeTrainConfig, "batch_size")] = _D.judge.batch_size,
+    lr: Annotated[float, option(JudgeTrainConfig, "learning_rate")] = _D.judge.learning_rate,
+    lora_r: Annotated[int, option(JudgeTrainConfig, "lora_r")] = _D.judge.lora_r,
+    lora_alpha: Annotated[int, option(JudgeTrainConfig, "lora_alpha")] = _D.judge.lora_alpha,
+    lora_dropout: Annotated[float, option(JudgeTrainConfig, "lora_dropout")] = _D.judge.lora_dropout,
+    max_length: Annotated[int, option(JudgeTrainConfig, "max_length")] = _D.judge.max_length,
+    seed: Annotated[int, option(JudgeTrainConfig, "seed")] = _D.judge.seed,
+    out: Annotated[Path | None, option(JudgeTrainConfig, "out")] = None,
+    quiet: Annotated[bool, option(JudgeTrainConfig, "progress")] = False,
+) -> None:
+    """Train the follow-up judge: does a question follow its conversation's topic? (labelled conversations, replayed
+    over the published index; build-index then uses it)."""
+    from .training.judge import train_judge_on
+
+    config = JudgeTrainConfig(
+        conversations=conversations,
+        encoder=encoder,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=lr,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        max_length=max_length,
+        seed=seed,
+        out=out,
+        progress=not quiet,
+    )
+    record, folder = train_judge_on(config, _paths())
+    m = record["metrics"]
+    typer.echo(
+        f"trained on {record['turns']} turns ({record['follow_ups']} follow-ups; {m['seconds']:.0f}s; final loss "
+        f"{m['loss'][-1]:.3f}) -> {folder}; run `ohlora-rag build-index` to use it"
+    )
+
+
 def _loaded(engine: Any) -> None:
     """What loading the engine has to say: which LLM answers, and a copy made once (why this run was slow)."""
     if engine.notice:
@@ -687,6 +737,8 @@ def chat_cmd(
     engine = QueryEngine.load(config, _paths())
     _loaded(engine)
     conversation = engine.conversation()
+    if engine.retriever is not None:
+        engine.retriever.preload_judge()  # while the learner types the first question
     typer.echo(
         "Oh-LoRA ML tutor — ask a machine-learning question; follow-ups like 'how is it computed?' stay on the "
         "topic; 'new' starts over (empty line or 'exit' to quit)."

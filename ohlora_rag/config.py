@@ -141,6 +141,11 @@ class Paths:
         return self.models_dir / "llm"
 
     @property
+    def judge_dir(self) -> Path:
+        """`train-judge` writes the follow-up judge here."""
+        return self.models_dir / "judge"
+
+    @property
     def default_db(self) -> Path:
         """The project's own knowledge base."""
         return self.data_dir / "concepts.csv"
@@ -186,6 +191,12 @@ class IndexConfig:
         flag="--no-conversations",
         negate=True,
     )
+    use_judge: bool = knob(
+        True,
+        "Let the follow-up model decide alone, without the follow-up judge (models/judge/, else the shipped one).",
+        flag="--no-judge",
+        negate=True,
+    )
     onnx: bool = knob(
         True,
         "Write no ONNX copy of the encoder (models/cache/onnx-encoder-*, 470 MB for the default encoder), which cold `search` "
@@ -204,6 +215,8 @@ class IndexConfig:
             raise UsageError("--known-questions and --no-known-questions: give one of them")
         if self.conversations is not None and not self.use_conversations:
             raise UsageError("--conversations and --no-conversations: give one of them")
+        if not self.use_judge and not self.use_conversations:
+            raise UsageError("--no-judge and --no-conversations: the judge works with the follow-up model; give one")
         if self.conversations is not None and not self.calibrate:
             raise UsageError("--conversations needs the entry decision: drop --no-calibrate")
 
@@ -295,6 +308,18 @@ class SbertTrainConfig:
             raise UsageError(f"--freeze-layers {self.freeze_layers}: must be 0 or more")
 
 
+def check_lora_training(config: Any) -> None:
+    """The checks a LoRA training config shares (train-llm, train-judge): counts at least 1, dropout in [0, 1), a
+    positive learning rate."""
+    for name in ("epochs", "batch_size", "lora_r", "lora_alpha", "max_length"):
+        if getattr(config, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")
+    if not 0.0 <= config.lora_dropout < 1.0:
+        raise UsageError(f"--lora-dropout {config.lora_dropout}: must lie in [0, 1)")
+    if config.learning_rate <= 0:
+        raise UsageError(f"--lr {config.learning_rate}: must be positive")
+
+
 @dataclass
 class LlmTrainConfig:
     """`train-llm` settings: LoRA SFT with the original project's LoRA shape (r 64, alpha 16, dropout 0.05,
@@ -328,13 +353,32 @@ class LlmTrainConfig:
     def __post_init__(self) -> None:
         check_finite(self)
         check_choices(self)
-        for name in ("epochs", "batch_size", "lora_r", "lora_alpha", "max_length"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise UsageError(f"--lora-dropout {self.lora_dropout}: must lie in [0, 1)")
-        if self.learning_rate <= 0:
-            raise UsageError(f"--lr {self.learning_rate}: must be positive")
+        check_lora_training(self)
+
+
+@dataclass
+class JudgeTrainConfig:
+    """`train-judge` settings: a rank-8 LoRA adapter and a linear head on the tutor encoder, trained to say whether a
+    question follows its conversation's topic (chosen on a fifth of data/conversations_train.jsonl held out)."""
+
+    conversations: Path | None = knob(
+        None, f"Labelled conversations to train on (default: {CONVERSATIONS_TRAIN_DATA} under --home)."
+    )
+    encoder: str = knob(DEFAULT_TUTOR_ENCODER, "Encoder the judge's adapter goes on: folder, built-in alias or hub id.")
+    epochs: int = knob(5, "Passes over the labelled turns.")
+    batch_size: int = knob(16, "Turns per training step.")
+    learning_rate: float = knob(5e-4, "Peak learning rate (one-cycle schedule).", flag="--lr")
+    lora_r: int = knob(8, "LoRA rank of each adapted projection.")
+    lora_alpha: int = knob(16, "LoRA scaling: the update is multiplied by alpha / r.")
+    lora_dropout: float = knob(0.1, "Dropout on the LoRA input, in [0, 1).")
+    max_length: int = knob(128, "Longest topic + question in tokens (the topic's start is cut first).")
+    seed: int = knob(42, "Seed for shuffling and the LoRA and head initialisation.")
+    out: Path | None = knob(None, "Output folder (default: models/judge).")
+    progress: bool = knob(True, "No per-epoch lines.", flag="--quiet", short="-q", negate=True)
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+        check_lora_training(self)
 
 
 #: The LLM weight types `--dtype` takes.
@@ -439,3 +483,4 @@ class Defaults:
     ask: AskConfig = field(default_factory=AskConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     llm: LlmTrainConfig = field(default_factory=lambda: LlmTrainConfig(data=list(LLM_TRAIN_DATA)))
+    judge: JudgeTrainConfig = field(default_factory=JudgeTrainConfig)

@@ -11,7 +11,9 @@ question. Otherwise:
   words, length, its own match confidence, how close it lies to the topic's entry and to the DB's field, how many
   of its words the topic's entry covers, Hangul) says whether it follows the topic. `build-index` fits it on
   labelled conversations (data/conversations_train.jsonl for the project's DB) and stores it in the index
-  manifest, like the entry decision;
+  manifest, like the entry decision. With the **follow-up judge** (`judge.py`: a cross-encoder that reads the topic
+  and the question together; models/judge/ from `train-judge`, else the shipped one for the shipped tutor encoder)
+  the judge's logit is added to the model's (`JUDGE_WEIGHT`) and the sum decides against `JUDGE_CUTOFF`;
 - **the hand-written rule** otherwise (another DB, `build-index --no-conversations`, a `--threshold` search):
   1. a question matched alone with `CONFIDENT` probability is a new question;
   2. so is one far from the DB's field (its mean cosine over the DB below `IN_FIELD` of a typical entry's: world
@@ -31,16 +33,18 @@ a chain of follow-ups stays on topic. `chat` and the server's `messages` history
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from .data import ConversationTurn
 from .decision import LogisticModel
 from .errors import DataFormatError
+from .judge import pair_for
 from .lexical import tokenize
 from .retriever import Retriever, SearchResult
 
@@ -111,6 +115,10 @@ FOLLOW_REGULARISATION = 1.0
 #: of 0.5-0.65 it is the one at which both follow-ups right (0.909) and switches not dragged back (0.958) reach their
 #: targets there; cutoffs searched on the training file itself landed anywhere in 0.54-0.63 (a flat optimum).
 FOLLOW_CUTOFF = 0.6
+#: With the follow-up judge (`judge.py`): its share of the combined logit, and the combined probability at which a
+#: turn follows. Chosen on data/conversations_dev.jsonl and data/conversations_tune.jsonl (README "Conversations").
+JUDGE_WEIGHT = 0.5
+JUDGE_CUTOFF = 0.7
 _HANGUL = re.compile(r"[\uac00-\ud7a3]")
 
 
@@ -120,6 +128,28 @@ class FollowModel(LogisticModel):
 
     features: list[str] = field(default_factory=lambda: list(FOLLOW_FEATURES))
     version: int = FOLLOW_VERSION
+    judge: float | None = None  # the judge's share of the combined logit; None: the model decides alone
+    judge_cutoff: float | None = None  # the combined probability at which a turn follows, with the judge
+
+    def with_judge(self, logit: float, probability: float) -> float:
+        """The model's probability combined with the judge's logit for the same turn."""
+        assert self.judge is not None
+        p = min(max(probability, 1e-6), 1.0 - 1e-6)
+        z = (1.0 - self.judge) * math.log(p / (1.0 - p)) + self.judge * logit
+        return 1.0 / (1.0 + math.exp(-z))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> FollowModel:
+        model = super().from_dict(data, where)
+        weight, cutoff = model.judge, model.judge_cutoff
+        if (weight is None) != (cutoff is None) or (
+            weight is not None
+            and not (isinstance(weight, (int, float)) and 0.0 <= weight <= 1.0 and isinstance(cutoff, (int, float)))
+        ):
+            raise DataFormatError(
+                f"{where}: unreadable follow-up model (its judge settings) — run `ohlora-rag build-index`"
+            )
+        return model
 
     FEATURES: ClassVar[tuple[str, ...]] = FOLLOW_FEATURES
     VERSION: ClassVar[int] = FOLLOW_VERSION
@@ -171,7 +201,7 @@ def follow_features(
 
 
 @dataclass
-class _Row:
+class LabelledTurn:
     """One labelled turn that has a topic before it."""
 
     question: str
@@ -180,6 +210,35 @@ class _Row:
     kind: str  # follow_up, switch or offtopic_switch
     gold: str | None
     alone: SearchResult
+
+
+def labelled_turns(
+    retriever: Retriever, conversations: Sequence[Sequence[ConversationTurn]]
+) -> tuple[list[LabelledTurn], list[LabelledTurn], dict[str, np.ndarray]]:
+    """Replay labelled conversations with their labelled topics: the turns after the first that the follow-up model
+    decides, those `names_another` decides (new questions), and each question's query vector (1, d)."""
+    position_of = {str(retriever.stored.entry(i)["id"]): i for i in range(retriever.stored.vectors.ntotal)}
+    questions = list(dict.fromkeys(turn.question for turns in conversations for turn in turns))
+    encoded = retriever.encoder.encode_queries(questions)  # (nq, d)
+    vector_of = {q: encoded[i : i + 1] for i, q in enumerate(questions)}
+    alone = dict(zip(questions, retriever.search_many(questions, vectors=encoded)))
+    rows: list[LabelledTurn] = []
+    gated: list[LabelledTurn] = []
+    for turns in conversations:
+        topic: str | None = None
+        topic_position: int | None = None
+        for turn in turns:
+            result = alone[turn.question]
+            if topic is not None and topic_position is not None and turn.kind != "first":
+                row = LabelledTurn(turn.question, topic, topic_position, turn.kind, turn.concept_id, result)
+                (gated if names_another(retriever, turn.question, result, topic_position) else rows).append(row)
+            if turn.kind == "follow_up" and topic is not None:
+                topic = f"{topic} {turn.question}"
+            elif turn.concept_id is not None:
+                topic, topic_position = turn.question, position_of[turn.concept_id]
+            elif result.hits:  # as `Conversation` does: an unmatched question still sets the topic
+                topic, topic_position = turn.question, result.hits[0].position
+    return rows, gated, vector_of
 
 
 def fit_follow(
@@ -200,27 +259,7 @@ def fit_follow(
     """
     if retriever.decision is None:
         raise DataFormatError(f"{where}: a follow-up model needs an index with a fitted entry decision")
-    position_of = {str(retriever.stored.entry(i)["id"]): i for i in range(retriever.stored.vectors.ntotal)}
-    questions = list(dict.fromkeys(turn.question for turns in conversations for turn in turns))
-    encoded = retriever.encoder.encode_queries(questions)  # (nq, d)
-    vector_of = {q: encoded[i : i + 1] for i, q in enumerate(questions)}
-    alone = dict(zip(questions, retriever.search_many(questions, vectors=encoded)))
-    rows: list[_Row] = []  # the turns the model decides
-    gated: list[_Row] = []  # the turns `names_another` decides (new questions)
-    for turns in conversations:
-        topic: str | None = None
-        topic_position: int | None = None
-        for turn in turns:
-            result = alone[turn.question]
-            if topic is not None and topic_position is not None and turn.kind != "first":
-                row = _Row(turn.question, topic, topic_position, turn.kind, turn.concept_id, result)
-                (gated if names_another(retriever, turn.question, result, topic_position) else rows).append(row)
-            if turn.kind == "follow_up" and topic is not None:
-                topic = f"{topic} {turn.question}"
-            elif turn.concept_id is not None:
-                topic, topic_position = turn.question, position_of[turn.concept_id]
-            elif result.hits:  # as `Conversation` does: an unmatched question still sets the topic
-                topic, topic_position = turn.question, result.hits[0].position
+    rows, gated, vector_of = labelled_turns(retriever, conversations)
     labels = np.asarray([row.kind == "follow_up" for row in rows], dtype=int)
     if len(rows) == 0 or labels.min() == labels.max():
         raise DataFormatError(f"{where}: fitting the follow-up model needs both follow-ups and new questions")
@@ -267,6 +306,7 @@ class Conversation:
     topic: str | None = None  # the text that found the current topic's entry
     topic_position: int | None = None  # that entry's position in the index
     rule: bool = False  # the hand-written rule even when the index has a fitted follow-up model
+    judge: bool = True  # False: the follow-up model without its judge, even when the index has one
 
     @classmethod
     def replay(cls, retriever: Retriever, questions: Iterable[str], top_k: int | None = None) -> Conversation:
@@ -308,7 +348,12 @@ class Conversation:
         together = self.retriever.search(query, self.top_k)
         vector = self.retriever.query_vector(question)
         x = follow_features(self.retriever, question, vector, topic_position, alone, together)
-        return together if model.probability(x[None, :])[0] >= model.cutoff else None
+        probability, cutoff = float(model.probability(x[None, :])[0]), model.cutoff
+        judge = self.retriever.follow_judge() if model.judge is not None and self.judge else None
+        if judge is not None and model.judge_cutoff is not None and self.topic is not None:
+            logit = float(judge.logits([pair_for(self.retriever, self.topic, topic_position, question, alone)])[0])
+            probability, cutoff = model.with_judge(logit, probability), model.judge_cutoff
+        return together if probability >= cutoff else None
 
     def _leans_on_topic(self, question: str, alone: SearchResult, topic_position: int) -> bool:
         """The hand-written rule (an index without a fitted follow-up model), for a question that names no other

@@ -25,6 +25,7 @@ from .store import StoredIndex, load_index
 
 if TYPE_CHECKING:
     from .conversation import FollowModel
+    from .judge import FollowJudge
 
 
 @dataclass
@@ -129,6 +130,10 @@ class Retriever:
         self._known_words: dict[int, Counter[str]] | None = (
             None  # entry -> how many of its known questions have a token
         )
+        self.paths: Paths | None = None  # where `follow_judge` looks for the judge (set by `load`)
+        self._judge: FollowJudge | None = None
+        self._judge_tried = False
+        self._judge_lock = threading.Lock()  # not `_lock`: loading takes seconds, and searches must not wait for it
 
     @classmethod
     def load(cls, config: SearchConfig | None = None, paths: Paths | None = None) -> Retriever:
@@ -158,7 +163,26 @@ class Retriever:
                 from .conversation import FollowModel
 
                 follow = FollowModel.from_dict(manifest.follow, where)
-        return cls(stored, Encoder(ref, cache=paths.cache_dir), threshold, decision, config.top_k, follow)
+        retriever = cls(stored, Encoder(ref, cache=paths.cache_dir), threshold, decision, config.top_k, follow)
+        retriever.paths = paths
+        return retriever
+
+    def preload_judge(self) -> None:
+        """Start loading the follow-up judge in a background thread when conversations will use it (5 s here), so a
+        conversation's first follow-up does not wait for it; a no-op otherwise."""
+        if self.follow is not None and self.follow.judge is not None and not self._judge_tried:
+            threading.Thread(target=self.follow_judge, name="ohlora-judge", daemon=True).start()
+
+    def follow_judge(self) -> FollowJudge | None:
+        """The follow-up judge (`judge.py`), loaded on first use: models/judge/ if trained, else the shipped one.
+        None when there is none or it cannot be loaded — then the follow-up model decides alone (one warning)."""
+        with self._judge_lock:
+            if not self._judge_tried:
+                self._judge_tried = True
+                from .judge import load_judge
+
+                self._judge = load_judge(self.paths or Paths.resolve(), self.encoder.ref.reference)
+            return self._judge
 
     def search(self, question: str, top_k: int | None = None) -> SearchResult:
         """Top-k entries for one question (k: the loaded config's `top_k` unless given)."""

@@ -142,7 +142,11 @@ def create_app(load: Callable[[], QueryEngine], config: ServeConfig | None = Non
 
     def load_engine() -> None:
         try:
-            state.engine = load()
+            engine = load()
+            retriever = getattr(engine, "retriever", None)
+            if retriever is not None:
+                retriever.preload_judge()  # the first conversation need not wait for the follow-up judge
+            state.engine = engine
         except OhloraError as exc:
             state.error = str(exc)
         except Exception as exc:  # noqa: BLE001 — reported by /health and every request, not lost in a thread

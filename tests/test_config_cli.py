@@ -15,6 +15,7 @@ from ohlora_rag.cli import app
 from ohlora_rag.config import (
     AskConfig,
     IndexConfig,
+    JudgeTrainConfig,
     LlmTrainConfig,
     SbertTrainConfig,
     SearchConfig,
@@ -35,6 +36,7 @@ CONFIGS: dict[str, list[type]] = {
     "evaluate-conversations": [AskConfig],
     "train-sbert": [SbertTrainConfig],
     "train-llm": [LlmTrainConfig],
+    "train-judge": [JudgeTrainConfig],
     "evaluate-trust": [IndexConfig],
 }
 #: Options that are not settings: what a command reads or measures, and how it prints.

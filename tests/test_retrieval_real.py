@@ -70,3 +70,19 @@ def test_default_tutor_encoder_and_decision_answer_or_decline(tmp_path: Path, e5
     got = [(r.best.id if r.best else None) for r in map(conversation.search, asked)]
     assert got == ["precision", "precision", "recall", None]
     assert [t.follow_up for t in conversation.turns] == [False, True, False, False]
+    # the shipped follow-up judge (ohlora_rag/tutor/judge/) is taken up for the shipped tutor encoder and reads the
+    # topic and the question together: an obvious follow-up scores above an obvious new question
+    if (ROOT / "ohlora_rag" / "tutor" / "judge" / "judge.json").exists():
+        from ohlora_rag.judge import judge_pair
+
+        assert report.follow.judge is not None
+        judge = retriever.follow_judge()
+        assert judge is not None
+        topic = "Precision (정밀도) : share of predicted positives that are right"
+        follow, new = judge.logits(
+            [
+                judge_pair(topic, "What is precision?", "how is it computed?", "Precision", False),
+                judge_pair(topic, "What is precision?", "what's the weather in Seoul?", "Epoch", False),
+            ]
+        )
+        assert follow > 0 > new
