@@ -44,6 +44,8 @@ SHIPPED_JUDGE = Path(__file__).resolve().parent / "tutor" / "judge"
 #: Characters of the topic's text the judge reads (its end: the latest follow-ups), and of an entry's name.
 TOPIC_CHARS = 200
 NAME_CHARS = 80
+#: Judged pairs remembered (as the retriever remembers query vectors).
+RECENT_PAIRS = 4096
 
 
 def judge_pair(topic_name: str, topic: str, question: str, own_name: str | None, own_sure: bool) -> tuple[str, str]:
@@ -80,6 +82,7 @@ class FollowJudge:
     def __init__(self, tokenizer: Any, model: Any, head: Any, max_length: int) -> None:
         self.tokenizer, self.model, self.head, self.max_length = tokenizer, model, head, max_length
         self._lock = threading.Lock()
+        self._recent: dict[tuple[str, str], float] = {}  # the last RECENT_PAIRS pairs judged
 
     @classmethod
     def load(cls, folder: Path, encoder_dir: Path) -> FollowJudge:
@@ -113,14 +116,22 @@ class FollowJudge:
         return self.head((hidden * mask).sum(1) / mask.sum(1)).squeeze(-1)
 
     def logits(self, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> np.ndarray:
-        """float64 (n,): the judge's logit per (topic, question) pair."""
+        """float64 (n,): the judge's logit per (topic, question) pair. The last RECENT_PAIRS pairs are remembered:
+        the server replays a conversation's history on every request, and each replayed turn asks again."""
         import torch
 
-        out = []
-        with self._lock, torch.inference_mode():
-            for i in range(0, len(pairs), batch_size):
-                out.append(self._forward(pairs[i : i + batch_size]).double().numpy())
-        return np.concatenate(out) if out else np.zeros(0)
+        with self._lock:
+            known = {pair: self._recent[pair] for pair in pairs if pair in self._recent}
+            todo = list(dict.fromkeys(pair for pair in pairs if pair not in known))
+            with torch.inference_mode():
+                for i in range(0, len(todo), batch_size):
+                    batch = todo[i : i + batch_size]
+                    known.update(zip(batch, self._forward(batch).double().tolist()))
+            for pair in todo:
+                if len(self._recent) >= RECENT_PAIRS:
+                    self._recent.pop(next(iter(self._recent)))
+                self._recent[pair] = known[pair]
+            return np.asarray([known[pair] for pair in pairs], dtype=np.float64)
 
 
 def read_judge(folder: Path) -> dict[str, Any]:

@@ -121,3 +121,19 @@ def test_train_judge_bad_input_is_one_line(home: Path) -> None:
     zero = runner.invoke(app, ["train-judge", "--epochs", "0"])
     assert zero.exit_code != 0 and "--epochs 0" in zero.output
     assert not (home / "models" / "judge").exists()
+
+
+def test_a_replayed_history_is_judged_once(judged_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server replays a conversation's history on every request: the judge answers the second time from memory."""
+    retriever = Retriever.load(paths=Paths.resolve())
+    judge = retriever.follow_judge()
+    assert judge is not None
+    history = ["what is precision", "how is it computed?", "and why does that help?", "what is dropout", "example?"]
+    first = Conversation.replay(retriever, history)
+    forwards: list[int] = []
+    forward = judge._forward
+    monkeypatch.setattr(judge, "_forward", lambda pairs: forwards.append(len(pairs)) or forward(pairs))
+    again = Conversation.replay(retriever, history)
+    assert forwards == [] and [t.follow_up for t in again.turns] == [t.follow_up for t in first.turns]
+    fresh = judge.logits([("topic: x | asked: y", "a question never judged | alone: nothing (unsure)")] * 2)
+    assert forwards == [1] and fresh[0] == fresh[1]
