@@ -21,6 +21,7 @@ import json
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ import numpy as np
 
 from .artifacts import staged_folder, utc_timestamp, write_json
 from .config import DEFAULT_TUTOR_ENCODER, JudgeTrainConfig, Paths
+from .device import quiet_transformers
 from .errors import DataFormatError, OhloraError
 
 if TYPE_CHECKING:
@@ -93,9 +95,12 @@ class FollowJudge:
         from transformers import AutoModel, AutoTokenizer
 
         record = read_judge(folder)
+        quiet_transformers()
         tokenizer = AutoTokenizer.from_pretrained(str(encoder_dir))
-        model = PeftModel.from_pretrained(AutoModel.from_pretrained(str(encoder_dir)), str(folder / JUDGE_ADAPTER))
-        model = model.merge_and_unload().eval()
+        with warnings.catch_warnings():  # deprecation notices of transformers' own internals, mid-chat otherwise
+            warnings.simplefilter("ignore")
+            base = AutoModel.from_pretrained(str(encoder_dir))
+            model = PeftModel.from_pretrained(base, str(folder / JUDGE_ADAPTER)).merge_and_unload().eval()
         weights = load_file(str(folder / JUDGE_HEAD))
         head = torch.nn.Linear(weights["weight"].shape[1], 1)
         head.load_state_dict(weights)
@@ -211,6 +216,7 @@ def train_judge(
     if not rows or all(labels) or not any(labels):
         raise DataFormatError(f"{data}: training the judge needs both follow-ups and new questions")
     pairs = [pair_for(retriever, row.topic, row.topic_position, row.question, row.alone) for row in rows]
+    quiet_transformers()
     seed_everything(config.seed)
     encoder_dir = encoder.path
     tokenizer = AutoTokenizer.from_pretrained(str(encoder_dir))
