@@ -144,8 +144,8 @@ def create_app(load: Callable[[], QueryEngine], config: ServeConfig | None = Non
         try:
             engine = load()
             retriever = getattr(engine, "retriever", None)
-            if retriever is not None:
-                retriever.preload_judge()  # the first conversation need not wait for the follow-up judge
+            if retriever is not None and retriever.follow is not None and retriever.follow.judge is not None:
+                retriever.follow_judge()  # before "ready": no request waits for it or shares the CPU with its loading
             state.engine = engine
         except OhloraError as exc:
             state.error = str(exc)
