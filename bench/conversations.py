@@ -55,7 +55,7 @@ def main() -> None:
         "hand-written rule": lambda: replay(True),
         "follow-up model": lambda: replay(False),
     }
-    if retriever.follow.judge is not None and retriever.follow_judge() is not None:
+    if retriever.follow_judge() is not None:
         ways["follow-up model + judge"] = lambda: replay(False, judge=True)
     timings: dict[str, list[float]] = {name: [] for name in ways}
     for way in ways.values():

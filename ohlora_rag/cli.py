@@ -191,7 +191,7 @@ def build_index_cmd(
         if report.follow.judge is not None:
             typer.echo(
                 f"follow-up judge: weight {report.follow.judge:.2f}, combined cutoff {report.follow.judge_cutoff:.2f} "
-                "(loaded on a conversation's first follow-up)"
+                "(chat and the server load it at start)"
             )
     if report.onnx is not None:
         typer.echo(f"the encoder's ONNX copy for search and ask: {report.onnx} ({report.onnx_seconds:.1f}s)")

@@ -217,7 +217,7 @@ def labelled_turns(
 ) -> tuple[list[LabelledTurn], list[LabelledTurn], dict[str, np.ndarray]]:
     """Replay labelled conversations with their labelled topics: the turns after the first that the follow-up model
     decides, those `names_another` decides (new questions), and each question's query vector (1, d)."""
-    position_of = {str(retriever.stored.entry(i)["id"]): i for i in range(retriever.stored.vectors.ntotal)}
+    position_of = retriever.positions_by_id()
     questions = list(dict.fromkeys(turn.question for turns in conversations for turn in turns))
     encoded = retriever.encoder.encode_queries(questions)  # (nq, d)
     vector_of = {q: encoded[i : i + 1] for i, q in enumerate(questions)}
@@ -349,7 +349,7 @@ class Conversation:
         vector = self.retriever.query_vector(question)
         x = follow_features(self.retriever, question, vector, topic_position, alone, together)
         probability, cutoff = float(model.probability(x[None, :])[0]), model.cutoff
-        judge = self.retriever.follow_judge() if model.judge is not None and self.judge else None
+        judge = self.retriever.follow_judge() if self.judge else None
         if judge is not None and model.judge_cutoff is not None and self.topic is not None:
             logit = float(judge.logits([pair_for(self.retriever, self.topic, topic_position, question, alone)])[0])
             probability, cutoff = model.with_judge(logit, probability), model.judge_cutoff

@@ -7,11 +7,13 @@ match confidences, shares of shared words — so "how do I pick it without a hun
 question(s) that set it, then the question with the entry it matches on its own (and whether that match was sure).
 It is the tutor encoder with a rank-8 LoRA adapter and a linear head over its mean-pooled tokens, trained on labelled
 conversations replayed with their labelled topics (`train_judge`, `ohlora-rag train-judge`), 2.7 MB. A conversation
-adds its logit to the follow-up model's (`FollowModel.judge`: the model's weight; `Conversation._follow`).
+averages its logit with the follow-up model's (`FollowModel.judge`: the judge's weight; `Conversation._follow`).
 
 Where it comes from: `models/judge/` when `train-judge` wrote one, else the one that ships in the package
-(`ohlora_rag/tutor/judge/`, made by `make tutor`). It runs on torch, loaded on a conversation's first follow-up
-decision; a judge that cannot be loaded leaves the follow-up model deciding alone, with one warning.
+(`ohlora_rag/tutor/judge/`, made by `make tutor-judge`) for an index built with the shipped tutor encoder. It runs
+on torch: the server loads it before it reports ready, `chat` in the background at start, anything else on a
+conversation's first follow-up decision; a judge that cannot be loaded leaves the follow-up model deciding alone,
+with one warning.
 """
 
 from __future__ import annotations
@@ -87,14 +89,14 @@ class FollowJudge:
         self._recent: dict[tuple[str, str], float] = {}  # the last RECENT_PAIRS pairs judged
 
     @classmethod
-    def load(cls, folder: Path, encoder_dir: Path) -> FollowJudge:
-        """The judge in `folder` over the encoder weights it was trained on (`encoder_dir`)."""
+    def load(cls, folder: Path, encoder_dir: Path, record: dict[str, Any]) -> FollowJudge:
+        """The judge in `folder` (its manifest already read: `record`, `read_judge`) over the encoder weights it was
+        trained on (`encoder_dir`)."""
         import torch
         from peft import PeftModel
         from safetensors.torch import load_file
         from transformers import AutoModel, AutoTokenizer
 
-        record = read_judge(folder)
         quiet_transformers()
         tokenizer = AutoTokenizer.from_pretrained(str(encoder_dir))
         with warnings.catch_warnings():  # deprecation notices of transformers' own internals, mid-chat otherwise
@@ -175,7 +177,7 @@ def load_judge(paths: Paths, encoder: str) -> FollowJudge | None:
     try:
         record = read_judge(folder)
         base = resolve(str(record.get("encoder") or DEFAULT_TUTOR_ENCODER), "encoder", paths)
-        return FollowJudge.load(folder, base.path)
+        return FollowJudge.load(folder, base.path, record)
     except (OhloraError, OSError, ImportError, RuntimeError, ValueError, KeyError) as exc:
         print(
             f"warning: the follow-up judge in {folder} was not loaded ({exc}); follow-ups are decided without it",

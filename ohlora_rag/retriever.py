@@ -167,15 +167,27 @@ class Retriever:
         retriever.paths = paths
         return retriever
 
+    def positions_by_id(self) -> dict[str, int]:
+        """Each entry's id and its position in the index."""
+        return {str(self.stored.entry(i)["id"]): i for i in range(self.stored.vectors.ntotal)}
+
     def preload_judge(self) -> None:
-        """Start loading the follow-up judge in a background thread when conversations will use it (5 s here), so a
-        conversation's first follow-up does not wait for it; a no-op otherwise."""
-        if self.follow is not None and self.follow.judge is not None and not self._judge_tried:
+        """Start loading the follow-up judge (`follow_judge`) in a background thread (5 s here), so a conversation's
+        first follow-up does not wait for it."""
+        if self.uses_judge and not self._judge_tried:
             threading.Thread(target=self.follow_judge, name="ohlora-judge", daemon=True).start()
 
+    @property
+    def uses_judge(self) -> bool:
+        """Whether the index's follow-up model is combined with the follow-up judge."""
+        return self.follow is not None and self.follow.judge is not None
+
     def follow_judge(self) -> FollowJudge | None:
-        """The follow-up judge (`judge.py`), loaded on first use: models/judge/ if trained, else the shipped one.
-        None when there is none or it cannot be loaded — then the follow-up model decides alone (one warning)."""
+        """The follow-up judge (`judge.py`) when the index's follow-up model uses one, loaded on first use:
+        models/judge/ if trained, else the shipped one. None when the model uses none, or the judge cannot be loaded
+        — then the follow-up model decides alone (one warning)."""
+        if not self.uses_judge:
+            return None
         with self._judge_lock:
             if not self._judge_tried:
                 self._judge_tried = True

@@ -144,7 +144,7 @@ def create_app(load: Callable[[], QueryEngine], config: ServeConfig | None = Non
         try:
             engine = load()
             retriever = getattr(engine, "retriever", None)
-            if retriever is not None and retriever.follow is not None and retriever.follow.judge is not None:
+            if retriever is not None:
                 retriever.follow_judge()  # before "ready": no request waits for it or shares the CPU with its loading
             state.engine = engine
         except OhloraError as exc:

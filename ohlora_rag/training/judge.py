@@ -33,7 +33,7 @@ def train_judge_on(config: JudgeTrainConfig, paths: Paths) -> tuple[dict[str, An
             f"the index at {paths.index_dir} has no fitted entry decision — run `ohlora-rag build-index` (without "
             "--no-calibrate) first"
         )
-    ids = {str(retriever.stored.entry(i)["id"]) for i in range(retriever.stored.vectors.ntotal)}
+    ids = set(retriever.positions_by_id())
     where = f"the index at {paths.index_dir}"
     check_conversations(conversations, ids, Path(source), where, "fix the file, or build the index of that DB")
     rows, _gated, _vectors = labelled_turns(retriever, conversations)
