@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast lint bench clean-index tutor tutor-judge
+.PHONY: install demo test test-fast lint bench clean-index tutor tutor-judge tutor-verifier
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -51,5 +51,12 @@ tutor: install
 # scratch home: build-index (the entry decision the judge's training turns are replayed with), then train-judge.
 tutor-judge: install
 	H=$$(mktemp -d) && cp -r data $$H/ && \
-	$(BIN)/ohlora-rag --home $$H build-index -q --no-judge && \
+	$(BIN)/ohlora-rag --home $$H build-index -q --no-judge --no-verifier && \
 	$(BIN)/ohlora-rag --home $$H train-judge -q --out $(CURDIR)/ohlora_rag/tutor/judge && rm -rf $$H
+
+# Reproduce ohlora_rag/tutor/verifier/ (the entry verifier that ships) from the seed, on the shipped tutor encoder, in
+# a scratch home: build-index (known questions and the entry decision the training pairs come from), train-verifier.
+tutor-verifier: install
+	H=$$(mktemp -d) && cp -r data $$H/ && \
+	$(BIN)/ohlora-rag --home $$H build-index -q --no-judge --no-verifier && \
+	$(BIN)/ohlora-rag --home $$H train-verifier -q --out $(CURDIR)/ohlora_rag/tutor/verifier && rm -rf $$H

@@ -145,6 +145,10 @@ def bench_seed_method(paths: object, db_path: Path) -> None:
     assert hybrid.decision is not None
     unkeyed = Retriever.load(SearchConfig(), paths)  # type: ignore[arg-type]
     unkeyed.stored.known = None  # the same decision path without the known-question scan
+    unkeyed.verification = None
+    unverified = Retriever.load(SearchConfig(), paths)  # type: ignore[arg-type]
+    unverified.verification = None  # the decision alone, without the entry verifier
+    verifier = hybrid.entry_verifier()
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(retriever.encoder.ref.path), device="cpu")  # the original's encoder object
@@ -167,7 +171,13 @@ def bench_seed_method(paths: object, db_path: Path) -> None:
 
     def ours_hybrid(question: str) -> int:
         hybrid._recent.clear()
+        if verifier is not None:
+            verifier._recent.clear()  # nor a remembered verifier pair
         return hybrid.search(question, 1).hits[0].position
+
+    def ours_unverified(question: str) -> int:
+        unverified._recent.clear()
+        return unverified.search(question, 1).hits[0].position
 
     def ours_unkeyed(question: str) -> int:
         unkeyed._recent.clear()
@@ -175,8 +185,8 @@ def bench_seed_method(paths: object, db_path: Path) -> None:
 
     seed_s = statistics.median([timed(lambda q=q: seed(q), repeat=1, warmup=0) for q in QUESTIONS[:3]])
     # round-robin over the three paths, so a slow minute of this machine weighs on each alike
-    samples: dict[str, list[float]] = {"ours": [], "hybrid": [], "unkeyed": []}
-    paths_ = {"ours": ours, "hybrid": ours_hybrid, "unkeyed": ours_unkeyed}
+    samples: dict[str, list[float]] = {"ours": [], "hybrid": [], "unkeyed": [], "unverified": []}
+    paths_ = {"ours": ours, "hybrid": ours_hybrid, "unkeyed": ours_unkeyed, "unverified": ours_unverified}
     for q in QUESTIONS:
         for fn in paths_.values():
             fn(q)  # warm-up
@@ -184,15 +194,30 @@ def bench_seed_method(paths: object, db_path: Path) -> None:
         for q in QUESTIONS:
             for name, fn in paths_.items():
                 samples[name].append(timed(lambda fn=fn, q=q: fn(q), repeat=1, warmup=0))
-    ours_s, hybrid_s, unkeyed_s = (statistics.median(samples[k]) for k in ("ours", "hybrid", "unkeyed"))
+    ours_s, hybrid_s, unkeyed_s, unverified_s = (
+        statistics.median(samples[k]) for k in ("ours", "hybrid", "unkeyed", "unverified")
+    )
     agree = sum(seed(q) == ours(q) for q in QUESTIONS[:3])
     print(f"\n(b) per-question retrieval on {db_path.name} ({len(texts)} entries)")
     widths = [34, 12, 12, 8]
     print(row(["method", "ms/question", "", "ratio"], widths))
     print(row(["seed: encode per row + loop", f"{seed_s * 1e3:.1f}", "", "1.00x"], widths))
     print(row(["ohlora-rag, cosine threshold", f"{ours_s * 1e3:.1f}", "", f"{seed_s / ours_s:.1f}x"], widths))
-    print(row(["ohlora-rag, entry decision model", f"{hybrid_s * 1e3:.1f}", "", f"{seed_s / hybrid_s:.1f}x"], widths))
-    print(f"   decision model / threshold: {hybrid_s / ours_s:.2f}x")
+    print(
+        row(
+            ["ohlora-rag, entry decision model", f"{unverified_s * 1e3:.1f}", "", f"{seed_s / unverified_s:.1f}x"],
+            widths,
+        )
+    )
+    print(f"   decision model / threshold: {unverified_s / ours_s:.2f}x")
+    if verifier is not None:
+        print(
+            row(["ohlora-rag, decision + verifier", f"{hybrid_s * 1e3:.1f}", "", f"{seed_s / hybrid_s:.1f}x"], widths)
+        )
+        print(
+            f"   decision + verifier / decision alone: {hybrid_s / unverified_s:.2f}x "
+            f"({type(verifier).__name__}, the decision's best {hybrid.verification.candidates} re-scored)"  # type: ignore[union-attr]
+        )
     vectors = hybrid.encoder.encode_queries(QUESTIONS)  # the decision's own work, without the encoder's
     signals_s = timed(lambda: hybrid.signals(QUESTIONS, vectors), repeat=20) / len(QUESTIONS)
     unkeyed_signals_s = timed(lambda: unkeyed.signals(QUESTIONS, vectors), repeat=20) / len(QUESTIONS)
@@ -203,7 +228,8 @@ def bench_seed_method(paths: object, db_path: Path) -> None:
     if hybrid.stored.known is not None:
         n = len(hybrid.stored.known)
         print(
-            f"   with {n} known questions / without: {hybrid_s * 1e3:.1f} / {unkeyed_s * 1e3:.1f} ms ({hybrid_s / unkeyed_s:.2f}x)"
+            f"   with {n} known questions / without: {unverified_s * 1e3:.1f} / {unkeyed_s * 1e3:.1f} ms "
+            f"({unverified_s / unkeyed_s:.2f}x)"
         )
     print(f"   same top entry on {agree}/3 questions")
 

@@ -27,6 +27,7 @@ from .lexical import LexicalIndex
 from .models import choose_encoder, read_manifest
 from .retriever import Retriever
 from .store import KnownQuestions, Manifest, ScoreStats, StoredIndex, VectorIndex, check_writable, write_index
+from .verifier import Verification, fit_verification, load_verifier
 
 
 @dataclass
@@ -40,6 +41,7 @@ class BuildReport:
     total_seconds: float
     decision: DecisionModel | None = None
     follow: FollowModel | None = None
+    verification: Verification | None = None
     onnx: str | None = None  # the encoder's ONNX copy (onnx_encoder), when written or already there
     onnx_seconds: float = 0.0
 
@@ -128,12 +130,22 @@ def in_memory_index(db: ConceptDB, encoder: Encoder, batch_size: int, progress: 
     return StoredIndex(Path("."), store, db.to_arrow(), manifest, LexicalIndex.build(db.texts), ScoreStats.of(vectors))
 
 
-def fit_on(stored: StoredIndex, encoder: Encoder, db: ConceptDB, labelled: LabelledQuestions) -> DecisionModel:
-    """Fit the decision model of an index on labelled questions."""
+def fit_on(
+    stored: StoredIndex, encoder: Encoder, db: ConceptDB, labelled: LabelledQuestions, paths: Paths, verify: bool
+) -> tuple[DecisionModel, Verification | None]:
+    """Fit the decision model of an index on labelled questions, and how the entry verifier joins it when `verify`
+    and there is one for this DB (`verifier.verifier_folder`)."""
     gold = labelled.positions(db)
     retriever = Retriever(stored, encoder, FALLBACK_THRESHOLD)
     signals = retriever.signals(labelled.questions, skip_own=True)
-    return fit_decision(signals, gold, labelled.kinds, str(labelled.path))
+    decision = fit_decision(signals, gold, labelled.kinds, str(labelled.path))
+    verifier = load_verifier(paths, db.content_hash) if verify else None
+    verification = None
+    if verifier is not None:
+        verification = fit_verification(
+            verifier, labelled.questions, signals, gold, labelled.kinds, db.texts.__getitem__, str(labelled.path)
+        )
+    return decision, verification
 
 
 def build_index(config: IndexConfig | None = None, paths: Paths | None = None) -> BuildReport:
@@ -176,10 +188,14 @@ def build_index(config: IndexConfig | None = None, paths: Paths | None = None) -
     calibrated = (read_manifest(ref.path) or {}).get("threshold")
     manifest = stored.manifest
     manifest.threshold = float(calibrated) if isinstance(calibrated, (int, float)) else None
-    decision = fit_on(stored, encoder, db, labelled) if labelled is not None else None
+    decision = verification = None
+    if labelled is not None:
+        decision, verification = fit_on(stored, encoder, db, labelled, paths, config.use_verifier)
     manifest.decision = decision.to_dict() if decision else None
+    manifest.verify = verification.to_dict() if verification else None
     follow = None
     if decision is not None and conversations is not None and conv_file is not None:
+        # on the decision alone: conversations read searches as it scored them (`SearchResult.unverified`)
         follow = fit_follow(Retriever(stored, encoder, FALLBACK_THRESHOLD, decision), conversations, str(conv_file))
         if config.use_judge and judge_folder(paths.judge_dir, ref.reference) is not None:
             follow.judge, follow.judge_cutoff = JUDGE_WEIGHT, JUDGE_CUTOFF
@@ -198,6 +214,7 @@ def build_index(config: IndexConfig | None = None, paths: Paths | None = None) -
         time.perf_counter() - start,
         decision,
         follow,
+        verification,
         str(onnx) if onnx else None,
         onnx_seconds,
     )

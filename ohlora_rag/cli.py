@@ -27,6 +27,7 @@ from .config import (
     SbertTrainConfig,
     SearchConfig,
     ServeConfig,
+    VerifierTrainConfig,
     option_name,
 )
 from .device import configure_threads
@@ -147,6 +148,7 @@ def build_index_cmd(
     conversations: Annotated[Path | None, option(IndexConfig, "conversations")] = None,
     no_conversations: Annotated[bool, option(IndexConfig, "use_conversations")] = False,
     no_judge: Annotated[bool, option(IndexConfig, "use_judge")] = False,
+    no_verifier: Annotated[bool, option(IndexConfig, "use_verifier")] = False,
     no_onnx: Annotated[bool, option(IndexConfig, "onnx")] = False,
     quiet: Annotated[bool, option(IndexConfig, "progress")] = False,
 ) -> None:
@@ -165,6 +167,7 @@ def build_index_cmd(
         conversations=conversations,
         use_conversations=not no_conversations,
         use_judge=not no_judge,
+        use_verifier=not no_verifier,
         onnx=not no_onnx,
     )
     report = build_index(config, _paths())
@@ -180,6 +183,12 @@ def build_index_cmd(
             f"entry decision fitted on {report.decision.calibrated_on}: cutoff {report.decision.cutoff:.3f}; there "
             f"right entry {d['right']:.3f}, wrong {d['wrong']:.3f}, near-miss declined {d['near_miss_declined']:.3f}, "
             f"unrelated declined {d['unrelated_declined']:.3f}"
+        )
+    if report.verification is not None:
+        v = report.verification
+        typer.echo(
+            f"entry verifier: the decision's best {v.candidates} re-scored, weight {v.weight:.2f}, cutoff "
+            f"{v.cutoff:.3f}; a given entry passes at {v.entry_cutoff:.3f} (chat and the server load it at start)"
         )
     if report.follow is not None:
         f = report.follow.metrics
@@ -397,7 +406,7 @@ def evaluate_trust_cmd(
     db = db if db is not None else paths.default_db
     if test.resolve() == calib.resolve():
         raise UsageError("--questions and --calibrate name the same file — calibrate on questions you do not test on")
-    variants = None if all_variants else [list(TRUST_VARIANTS)[0], list(TRUST_VARIANTS)[-1]]
+    variants = None if all_variants else [list(TRUST_VARIANTS)[0], *list(TRUST_VARIANTS)[-2:]]
     known_file = known_questions_file(IndexConfig(db=db, known_questions=known, use_known=not no_known), paths)
     for other, flag in ((test, "--questions"), (calib, "--calibrate")):
         if known_file is not None and known_file.resolve() == other.resolve():
@@ -548,28 +557,50 @@ def train_judge_cmd(
 ) -> None:
     """Train the follow-up judge: does a question follow its conversation's topic? (labelled conversations, replayed
     over the published index; build-index then uses it)."""
+    config = _pair_config(JudgeTrainConfig, dict(locals()))
     from .training.judge import train_judge_on
 
-    config = JudgeTrainConfig(
-        conversations=conversations,
-        encoder=encoder,
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=lr,
-        lora_r=lora_r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        max_length=max_length,
-        seed=seed,
-        out=out,
-        progress=not quiet,
-    )
     record, folder = train_judge_on(config, _paths())
+    _trained(record, folder, f"{record['turns']} turns ({record['follow_ups']} follow-ups")
+
+
+def _pair_config(cls: type[Any], options: dict[str, Any]) -> Any:
+    """A pair model's training config (train-judge, train-verifier) from its command's options."""
+    options["learning_rate"] = options.pop("lr")
+    options["progress"] = not options.pop("quiet")
+    return cls(**options)
+
+
+def _trained(record: dict[str, Any], folder: Path, what: str) -> None:
     m = record["metrics"]
     typer.echo(
-        f"trained on {record['turns']} turns ({record['follow_ups']} follow-ups; {m['seconds']:.0f}s; final loss "
-        f"{m['loss'][-1]:.3f}) -> {folder}; run `ohlora-rag build-index` to use it"
+        f"trained on {what}; {m['seconds']:.0f}s; final loss {m['loss'][-1]:.3f}) -> {folder}; run `ohlora-rag "
+        "build-index` to use it"
     )
+
+
+@app.command("train-verifier", cls=_Command)
+@friendly
+def train_verifier_cmd(
+    encoder: Annotated[str, option(VerifierTrainConfig, "encoder")] = _D.verifier.encoder,
+    epochs: Annotated[int, option(VerifierTrainConfig, "epochs")] = _D.verifier.epochs,
+    batch_size: Annotated[int, option(VerifierTrainConfig, "batch_size")] = _D.verifier.batch_size,
+    lr: Annotated[float, option(VerifierTrainConfig, "learning_rate")] = _D.verifier.learning_rate,
+    lora_r: Annotated[int, option(VerifierTrainConfig, "lora_r")] = _D.verifier.lora_r,
+    lora_alpha: Annotated[int, option(VerifierTrainConfig, "lora_alpha")] = _D.verifier.lora_alpha,
+    lora_dropout: Annotated[float, option(VerifierTrainConfig, "lora_dropout")] = _D.verifier.lora_dropout,
+    max_length: Annotated[int, option(VerifierTrainConfig, "max_length")] = _D.verifier.max_length,
+    seed: Annotated[int, option(VerifierTrainConfig, "seed")] = _D.verifier.seed,
+    out: Annotated[Path | None, option(VerifierTrainConfig, "out")] = None,
+    quiet: Annotated[bool, option(VerifierTrainConfig, "progress")] = False,
+) -> None:
+    """Train the entry verifier: does an entry answer a question? (the published index's known questions against
+    their own entries and look-alikes; build-index then uses it)."""
+    config = _pair_config(VerifierTrainConfig, dict(locals()))
+    from .training.verifier import train_verifier_on
+
+    record, folder = train_verifier_on(config, _paths())
+    _trained(record, folder, f"{record['pairs']} pairs ({record['answers']} answering")
 
 
 def _loaded(engine: Any) -> None:
@@ -738,7 +769,7 @@ def chat_cmd(
     _loaded(engine)
     conversation = engine.conversation()
     if engine.retriever is not None:
-        engine.retriever.preload_judge()  # while the learner types the first question
+        engine.retriever.preload()  # the verifier and the judge, while the learner types the first question
     typer.echo(
         "Oh-LoRA ML tutor — ask a machine-learning question; follow-ups like 'how is it computed?' stay on the "
         "topic; 'new' starts over (empty line or 'exit' to quit)."
@@ -827,6 +858,14 @@ def evaluate_answers_cmd(
     full_pipeline: Annotated[
         bool, typer.Option("--full-pipeline", help="Start from the question alone (retrieval + threshold included).")
     ] = False,
+    verify_entries: Annotated[
+        bool,
+        typer.Option(
+            "--verify-entries",
+            help="Check each row's entry with the index's entry verifier first; one it rejects is answered as no "
+            "information (the answer path's check of a wrong entry).",
+        ),
+    ] = False,
     limit: Annotated[int | None, typer.Option("--limit", help="Only the first N rows.")] = None,
     top_k: _TopK = _D.ask.top_k,
     threshold: _Threshold = None,
@@ -864,12 +903,16 @@ def evaluate_answers_cmd(
         dtype=dtype,
         runtime=runtime,
     )
-    engine = QueryEngine.load(config, paths, retrieve=full_pipeline)
+    engine = QueryEngine.load(config, paths, retrieve=full_pipeline or verify_entries)
     _loaded(engine)
     choice = engine.generator.choice
+    if verify_entries and (engine.retriever is None or engine.retriever.entry_verifier() is None):
+        raise UsageError(
+            "--verify-entries: the index uses no entry verifier — run `ohlora-rag build-index` (without --no-verifier)"
+        )
 
     def generate(question: str, entry: str | None) -> str:
-        return engine.stream_with(question, entry).answer().answer
+        return engine.stream_with(question, entry, verify=verify_entries).answer().answer
 
     retrieve = None
     if full_pipeline:

@@ -146,6 +146,11 @@ class Paths:
         return self.models_dir / "judge"
 
     @property
+    def verifier_dir(self) -> Path:
+        """`train-verifier` writes the entry verifier here."""
+        return self.models_dir / "verifier"
+
+    @property
     def default_db(self) -> Path:
         """The project's own knowledge base."""
         return self.data_dir / "concepts.csv"
@@ -195,6 +200,13 @@ class IndexConfig:
         True,
         "Let the follow-up model decide alone, without the follow-up judge (models/judge/, else the shipped one).",
         flag="--no-judge",
+        negate=True,
+    )
+    use_verifier: bool = knob(
+        True,
+        "Let the entry decision decide alone, without the entry verifier (models/verifier/, else the shipped one "
+        "for data/concepts.csv).",
+        flag="--no-verifier",
         negate=True,
     )
     onnx: bool = knob(
@@ -309,7 +321,7 @@ class SbertTrainConfig:
 
 
 def check_lora_training(config: Any) -> None:
-    """The checks a LoRA training config shares (train-llm, train-judge): counts at least 1, dropout in [0, 1), a
+    """The checks a LoRA training config shares (train-llm, train-judge, train-verifier): counts at least 1, dropout in [0, 1), a
     positive learning rate."""
     for name in ("epochs", "batch_size", "lora_r", "lora_alpha", "max_length"):
         if getattr(config, name) < 1:
@@ -357,28 +369,48 @@ class LlmTrainConfig:
 
 
 @dataclass
-class JudgeTrainConfig:
-    """`train-judge` settings: a rank-8 LoRA adapter and a linear head on the tutor encoder, trained to say whether a
-    question follows its conversation's topic (chosen on a fifth of data/conversations_train.jsonl held out)."""
+class PairTrainConfig:
+    """What training a pair model (`crossencoder.py`: the follow-up judge, the entry verifier) takes: a rank-8 LoRA
+    adapter and a linear head on the tutor encoder."""
 
-    conversations: Path | None = knob(
-        None, f"Labelled conversations to train on (default: {CONVERSATIONS_TRAIN_DATA} under --home)."
-    )
-    encoder: str = knob(DEFAULT_TUTOR_ENCODER, "Encoder the judge's adapter goes on: folder, built-in alias or hub id.")
-    epochs: int = knob(5, "Passes over the labelled turns.")
-    batch_size: int = knob(16, "Turns per training step.")
+    encoder: str = knob(DEFAULT_TUTOR_ENCODER, "Encoder the adapter goes on: folder, built-in alias or hub id.")
+    epochs: int = knob(5, "Passes over the labelled pairs.")
+    batch_size: int = knob(16, "Pairs per training step.")
     learning_rate: float = knob(5e-4, "Peak learning rate (one-cycle schedule).", flag="--lr")
     lora_r: int = knob(8, "LoRA rank of each adapted projection.")
     lora_alpha: int = knob(16, "LoRA scaling: the update is multiplied by alpha / r.")
     lora_dropout: float = knob(0.1, "Dropout on the LoRA input, in [0, 1).")
-    max_length: int = knob(128, "Longest topic + question in tokens (the topic's start is cut first).")
+    max_length: int = knob(128, "Longest pair in tokens.")
     seed: int = knob(42, "Seed for shuffling and the LoRA and head initialisation.")
-    out: Path | None = knob(None, "Output folder (default: models/judge).")
+    out: Path | None = knob(None, "Output folder.")
     progress: bool = knob(True, "No per-epoch lines.", flag="--quiet", short="-q", negate=True)
 
     def __post_init__(self) -> None:
         check_finite(self)
         check_lora_training(self)
+
+
+@dataclass
+class JudgeTrainConfig(PairTrainConfig):
+    """`train-judge` settings: the follow-up judge, trained to say whether a question follows its conversation's topic
+    (chosen on a fifth of data/conversations_train.jsonl held out)."""
+
+    conversations: Path | None = knob(
+        None, f"Labelled conversations to train on (default: {CONVERSATIONS_TRAIN_DATA} under --home)."
+    )
+    max_length: int = knob(128, "Longest topic + question in tokens (the longer text's end is cut first).")
+    out: Path | None = knob(None, "Output folder (default: models/judge).")
+
+
+@dataclass
+class VerifierTrainConfig(PairTrainConfig):
+    """`train-verifier` settings: the entry verifier, trained to say whether an entry answers a question, on the
+    index's known questions against their own entry and look-alikes (its best-scored other candidate and one of the
+    entry's related entries)."""
+
+    epochs: int = knob(2, "Passes over the labelled pairs.")
+    max_length: int = knob(128, "Longest question + entry in tokens (the longer text's end is cut first).")
+    out: Path | None = knob(None, "Output folder (default: models/verifier).")
 
 
 #: The LLM weight types `--dtype` takes.
@@ -484,3 +516,4 @@ class Defaults:
     serve: ServeConfig = field(default_factory=ServeConfig)
     llm: LlmTrainConfig = field(default_factory=lambda: LlmTrainConfig(data=list(LLM_TRAIN_DATA)))
     judge: JudgeTrainConfig = field(default_factory=JudgeTrainConfig)
+    verifier: VerifierTrainConfig = field(default_factory=VerifierTrainConfig)

@@ -333,19 +333,24 @@ class Conversation:
             self.topic, self.topic_position = question, turn.result.hits[0].position
         return turn.result
 
-    def _follow(self, question: str, alone: SearchResult, query: str, topic_position: int) -> SearchResult | None:
+    def _follow(self, question: str, searched: SearchResult, query: str, topic_position: int) -> SearchResult | None:
         """`query` (the topic's text + the question) searched when the question follows the topic — the follow-up
-        model's call, else the hand-written rule's — or None for a new question."""
+        model's call, else the hand-written rule's — or None for a new question. Both read the searches as the entry
+        decision scored them (`SearchResult.unverified`), and a follow-up keeps that result: the entry verifier reads
+        a question alone, and the topic's text joined with a follow-up ("What is precision? how is it computed?") is
+        not one; the follow-up model and judge are what vet a follow-up (on dev and tune, verifying it as well cost
+        one follow-up each and cleaned no switch)."""
+        alone = searched.unverified
         if names_another(self.retriever, question, alone, topic_position):
             return None  # a new question ("and what is recall?", "word2vec은 뭐야?")
         model = None if self.rule else self.retriever.follow
         if model is None:
             return (
-                self.retriever.search(query, self.top_k)
+                self.retriever.search(query, self.top_k, verify=False)
                 if self._leans_on_topic(question, alone, topic_position)
                 else None
             )
-        together = self.retriever.search(query, self.top_k)
+        together = self.retriever.search(query, self.top_k, verify=False)
         vector = self.retriever.query_vector(question)
         x = follow_features(self.retriever, question, vector, topic_position, alone, together)
         probability, cutoff = float(model.probability(x[None, :])[0]), model.cutoff

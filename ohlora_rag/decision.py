@@ -317,6 +317,14 @@ def choose_cutoff(
 ) -> float:
     """The cutoff on each question's best probability that maximises `Outcomes.utility`."""
     best_p = [(int(s.positions[int(np.argmax(p))]), float(p.max())) for s, p in zip(signals, probabilities)]
+    return best_cutoff(best_p, gold, kinds)[0]
+
+
+def best_cutoff(
+    best_p: Sequence[tuple[int, float]], gold: Sequence[int | None], kinds: Sequence[str]
+) -> tuple[float, float]:
+    """The cutoff on each question's (best entry, its probability) that maximises `Outcomes.utility`, and that
+    utility."""
     candidates = sorted({p for _, p in best_p} | {0.0, 1.0})
     best: tuple[float, float] | None = None
     for i, cut in enumerate(candidates):
@@ -327,4 +335,4 @@ def choose_cutoff(
         if best is None or u > best[1] + 1e-12:
             best = (cut, u)
     assert best is not None
-    return round(best[0], 6)
+    return round(best[0], 6), best[1]

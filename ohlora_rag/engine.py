@@ -103,8 +103,10 @@ class AnswerStream:
         follow_up: bool = False,
         query: str | None = None,
         max_new_tokens: int | None = None,
+        rejected: bool = False,
     ) -> None:
         self.question = question
+        self.rejected = rejected  # a given entry the entry verifier turned down (`QueryEngine.stream_with`)
         self.result = result
         self.used = used
         self.follow_up = follow_up
@@ -140,7 +142,9 @@ class AnswerStream:
         generation = self._reply.result()
         config = self._engine.config
         text, guarded = generation.text, False
-        if self.used is None and self.result is not None and config.guard and not is_abstention(text):
+        # no entry found (with the guard on), or a given entry turned down: the reply must decline
+        declining = (self.result is not None and config.guard) or self.rejected
+        if self.used is None and declining and not is_abstention(text):
             text, guarded = DECLINE, True
         timings = {"load": self._engine.load_seconds, "retrieve": self._retrieve, "generate": generation.seconds}
         result = self.result
@@ -262,13 +266,21 @@ class QueryEngine:
         """The whole answer to `question`."""
         return self.stream(question, conversation).answer()
 
-    def stream_with(self, question: str, entry: str | None) -> AnswerStream:
-        """Answer from a given entry (None: "no matching information"), no retrieval: for evaluating the LLM."""
+    def stream_with(self, question: str, entry: str | None, verify: bool = False) -> AnswerStream:
+        """Answer from a given entry (None: "no matching information"), no retrieval: for evaluating the LLM.
+
+        `verify`: check the entry with the index's verified entry decision first (`Retriever.entry_fits`); one it
+        turns down is answered as no information and the answer declines (the model's own decline, else the guard's),
+        as `ask` declines a question no entry answers."""
         question = check_question(question)
+        fits = self.retriever.entry_fits(question, entry) if verify and entry and self.retriever else None
+        rejected = fits is False
+        if rejected:
+            entry = None
         reply = self.generator.start(
             self.generator.prompts.prompt(question, entry),
             self.config.max_new_tokens,
             self.config.temperature,
             self.config.seed,
         )
-        return AnswerStream(self, question, None, None, reply, 0.0)
+        return AnswerStream(self, question, None, None, reply, 0.0, rejected=rejected)

@@ -11,14 +11,15 @@ import numpy as np
 
 from .config import ENCODE_BATCH
 from .data import Pairs
-from .decision import FEATURES, Outcomes, decide, fit_decision, outcomes
+from .decision import FEATURES, DecisionModel, Outcomes, Signals, decide, fit_decision, outcomes
 from .encoder import Encoder
 
 if TYPE_CHECKING:
     from .config import Paths
-    from .data import ConversationTurn
+    from .data import ConceptDB, ConversationTurn, LabelledQuestions
     from .models import ModelRef
     from .retriever import Retriever
+    from .verifier import EntryVerifier
 
 
 @dataclass
@@ -293,8 +294,12 @@ TRUST_VARIANTS: dict[str, tuple[str, ...] | None] = {
     "dense + BM25": ("cosine", "top_gap", "margin", "z", "cos_max", "z_max", "bm25", "bm25_share", "bm25_top"),
     "dense + BM25 + names": FEATURES[: FEATURES.index("name") + 1],
     "dense + BM25 + names + known questions": FEATURES[: FEATURES.index("known_margin") + 1],
-    "dense + BM25 + names + known questions + coverage (default)": FEATURES,
+    "dense + BM25 + names + known questions + coverage": FEATURES,
+    "dense + BM25 + names + known questions + coverage + entry verifier (default)": FEATURES,
 }
+#: The variant whose decision's best candidates the entry verifier re-scores (a row only where there is a verifier
+#: for the DB: `verifier.verifier_folder`).
+VERIFIED_VARIANT = list(TRUST_VARIANTS)[-1]
 
 
 @dataclass
@@ -349,6 +354,11 @@ def compare_trust(
     test_gold, calib_gold = test.positions(concepts), calib.positions(concepts)
     known_labelled = load_labelled_questions(known) if known is not None else None
     names = list(variants) if variants else list(TRUST_VARIANTS)
+    verifier = None
+    if VERIFIED_VARIANT in names:
+        from .verifier import load_verifier
+
+        verifier = load_verifier(paths, concepts.content_hash)
     rows = []
     for name, ref in encoder_refs(model, paths).items():
         encoder = Encoder(ref)
@@ -366,8 +376,40 @@ def compare_trust(
                 rows.append(TrustRow(name, variant, outcomes(chosen, test_gold, test.kinds, ranked), None))
                 continue
             fitted = fit_decision(calib_sig, calib_gold, calib.kinds, str(calibration), use=use)
-            rows.append(TrustRow(name, variant, decide(fitted, test_sig, test_gold, test.kinds), fitted.cutoff))
+            if variant != VERIFIED_VARIANT:
+                rows.append(TrustRow(name, variant, decide(fitted, test_sig, test_gold, test.kinds), fitted.cutoff))
+            elif verifier is not None:
+                rows.append(_verified_row(name, retriever, fitted, verifier, calib, calib_sig, test, concepts))
     return rows
+
+
+def _verified_row(
+    encoder: str,
+    retriever: Retriever,
+    decision: DecisionModel,
+    verifier: EntryVerifier,
+    calib: LabelledQuestions,
+    calib_signals: Sequence[Signals],
+    test: LabelledQuestions,
+    concepts: ConceptDB,
+) -> TrustRow:
+    """The fitted decision with the entry verifier joined as build-index joins it (`fit_verification` on the same
+    calibration questions), searched as `search` does."""
+    from .retriever import Retriever  # noqa: F811 - the class itself, at run time
+    from .verifier import fit_verification
+
+    gold = calib.positions(concepts)
+    verification = fit_verification(
+        verifier, calib.questions, calib_signals, gold, calib.kinds, concepts.texts.__getitem__, str(calib.path)
+    )
+    verified = Retriever(
+        retriever.stored, retriever.encoder, retriever.threshold, decision, verification=verification, verifier=verifier
+    )
+    results = verified.search_many(test.questions)
+    chosen = [r.best.position if r.best else None for r in results]
+    ranked = [r.hits[0].position for r in results]
+    outcome = outcomes(chosen, test.positions(concepts), test.kinds, ranked)
+    return TrustRow(encoder, VERIFIED_VARIANT, outcome, verification.cutoff)
 
 
 # ----------------------------------------------------------------------------------------------- conversations

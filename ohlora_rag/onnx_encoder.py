@@ -32,9 +32,10 @@ KEEP = 2
 OPSET = 17
 
 
-def export_folder(cache: Path, fingerprint: str) -> Path:
-    """Where the export of the encoder with this fingerprint lives."""
-    return cache / f"{PREFIX}{fingerprint[:16]}"
+def export_folder(cache: Path, fingerprint: str, prefix: str = PREFIX) -> Path:
+    """Where the export of the encoder with this fingerprint lives (`prefix`: another kind of model's copies, such as
+    the pair models' in crossencoder.py, kept and pruned apart from the encoders')."""
+    return cache / f"{prefix}{fingerprint[:16]}"
 
 
 def exportable(model_config: dict[str, Any]) -> bool:
@@ -48,13 +49,14 @@ def ready(folder: Path, fingerprint: str) -> bool:
     return complete_copy(folder, MANIFEST_FILE, expected, {MODEL_FILE, EMBEDDINGS_FILE}) is not None
 
 
-def export(transformer: Any, fingerprint: str, cache: Path) -> Path | None:
+def export(transformer: Any, fingerprint: str, cache: Path, prefix: str = PREFIX) -> Path | None:
     """Write the ONNX copy of a loaded BERT-architecture transformer (best effort).
 
     Args:
         transformer: the torch `BertModel` the encoder runs.
         fingerprint: the encoder folder's fingerprint (the copy's key).
         cache: the cache folder (models/cache).
+        prefix: the copies' folder prefix (`export_folder`).
 
     Returns:
         The export's folder, or None when the model is not exportable or the copy could not be written (an
@@ -62,7 +64,7 @@ def export(transformer: Any, fingerprint: str, cache: Path) -> Path | None:
     """
     if not exportable(transformer.config.to_dict()):
         return None
-    folder = export_folder(cache, fingerprint)
+    folder = export_folder(cache, fingerprint, prefix)
     if ready(folder, fingerprint):
         return folder
     try:
@@ -72,7 +74,7 @@ def export(transformer: Any, fingerprint: str, cache: Path) -> Path | None:
         return None
     except Exception:  # noqa: BLE001 - the exporter (torch.onnx, onnx) failing on this model: keep torch
         return None
-    prune_copies(folder, f"{PREFIX}*", KEEP)
+    prune_copies(folder, f"{prefix}*", KEEP)
     return folder
 
 
@@ -147,10 +149,10 @@ class OnnxBody:
         return self.session.run(None, feeds)[0]
 
 
-def load(cache: Path, fingerprint: str) -> OnnxBody | None:
+def load(cache: Path, fingerprint: str, prefix: str = PREFIX) -> OnnxBody | None:
     """The export of this encoder, ready to run; None when there is none, it is incomplete, or onnxruntime is
     missing or cannot read it."""
-    folder = export_folder(cache, fingerprint)
+    folder = export_folder(cache, fingerprint, prefix)
     if not ready(folder, fingerprint):
         return None
     try:

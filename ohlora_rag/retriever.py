@@ -1,7 +1,8 @@
 """Question -> hits: encode the question, search the index exactly, decide which entry (or none) answers it.
 
 Two decisions: the index's fitted decision model over dense + BM25 + name signals (decision.py), used when the
-index has one and no `--threshold` is given; else the best cosine against a threshold (the original project's rule).
+index has one and no `--threshold` is given — its best few candidates re-scored with the entry verifier when the
+index was built with one (verifier.py) — else the best cosine against a threshold (the original project's rule).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .store import StoredIndex, load_index
 if TYPE_CHECKING:
     from .conversation import FollowModel
     from .judge import FollowJudge
+    from .verifier import EntryVerifier, Verification
 
 
 @dataclass
@@ -56,6 +58,13 @@ class SearchResult:
     threshold: float | None  # the cosine threshold; None when the decision model decided
     seconds: float
     cutoff: float | None = None  # the decision model's probability cutoff, when it decided
+    decided: SearchResult | None = None  # the same search before the entry verifier re-scored it, when it did
+
+    @property
+    def unverified(self) -> SearchResult:
+        """The search as the entry decision alone scored it: what the follow-up model and judge read (they were
+        fitted on it, and re-scoring every conversation turn while fitting would take minutes)."""
+        return self.decided if self.decided is not None else self
 
     @property
     def decision(self) -> str:
@@ -114,6 +123,8 @@ class Retriever:
         decision: DecisionModel | None = None,
         top_k: int = SearchConfig.top_k,
         follow: FollowModel | None = None,
+        verification: Verification | None = None,
+        verifier: EntryVerifier | None = None,
     ) -> None:
         self.stored = stored
         self.top_k = top_k  # entries a search returns unless it asks for another number
@@ -121,6 +132,7 @@ class Retriever:
         self.threshold = threshold
         self.decision = decision if stored.lexical is not None and stored.stats is not None else None
         self.follow = follow if self.decision is not None else None  # fitted on the decision's probabilities
+        self.verification = verification if self.decision is not None else None
         self._names: dict[int, list[set[str]]] = {}
         self._recent: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
@@ -134,6 +146,10 @@ class Retriever:
         self._judge: FollowJudge | None = None
         self._judge_tried = False
         self._judge_lock = threading.Lock()  # not `_lock`: loading takes seconds, and searches must not wait for it
+        self._verifier = verifier  # loaded on first use (`entry_verifier`) unless given
+        self._verifier_tried = verifier is not None
+        self._verifier_lock = threading.Lock()
+        self._text_positions: dict[str, int] | None = None
 
     @classmethod
     def load(cls, config: SearchConfig | None = None, paths: Paths | None = None) -> Retriever:
@@ -153,7 +169,7 @@ class Retriever:
                 f"(fingerprint {ref.fingerprint}) — run `ohlora-rag build-index` to rebuild it"
             )
         threshold = config.threshold
-        decision = follow = None
+        decision = follow = verification = None
         if threshold is None:
             threshold = manifest.threshold if manifest.threshold is not None else FALLBACK_THRESHOLD
             where = str(stored.folder / "manifest.json")
@@ -163,7 +179,12 @@ class Retriever:
                 from .conversation import FollowModel
 
                 follow = FollowModel.from_dict(manifest.follow, where)
-        retriever = cls(stored, Encoder(ref, cache=paths.cache_dir), threshold, decision, config.top_k, follow)
+            if manifest.verify is not None:
+                from .verifier import Verification
+
+                verification = Verification.from_dict(manifest.verify, where)
+        encoder = Encoder(ref, cache=paths.cache_dir)
+        retriever = cls(stored, encoder, threshold, decision, config.top_k, follow, verification)
         retriever.paths = paths
         return retriever
 
@@ -171,11 +192,30 @@ class Retriever:
         """Each entry's id and its position in the index."""
         return {str(self.stored.entry(i)["id"]): i for i in range(self.stored.vectors.ntotal)}
 
-    def preload_judge(self) -> None:
-        """Start loading the follow-up judge (`follow_judge`) in a background thread (5 s here), so a conversation's
-        first follow-up does not wait for it."""
-        if self.uses_judge and not self._judge_tried:
-            threading.Thread(target=self.follow_judge, name="ohlora-judge", daemon=True).start()
+    def preload(self) -> None:
+        """Start loading the entry verifier and the follow-up judge (`entry_verifier`, `follow_judge`) in a background
+        thread (5 s here), so the first question does not wait for them."""
+        if (self.verification is not None and not self._verifier_tried) or (self.uses_judge and not self._judge_tried):
+            threading.Thread(target=self.load_pair_models, name="ohlora-pair-models", daemon=True).start()
+
+    def load_pair_models(self) -> None:
+        """Load the entry verifier and the follow-up judge now, when the index uses them."""
+        self.entry_verifier()
+        self.follow_judge()
+
+    def entry_verifier(self) -> EntryVerifier | None:
+        """The entry verifier (`verifier.py`) when the index's decision uses one, loaded on first use: models/verifier/
+        if trained, else the shipped one. None when the decision uses none, or it cannot be loaded — then the decision
+        decides alone (one warning)."""
+        if self.verification is None:
+            return None
+        with self._verifier_lock:
+            if not self._verifier_tried:
+                self._verifier_tried = True
+                from .verifier import load_verifier
+
+                self._verifier = load_verifier(self.paths or Paths.resolve(), self.stored.manifest.corpus_hash)
+            return self._verifier
 
     @property
     def uses_judge(self) -> bool:
@@ -196,12 +236,44 @@ class Retriever:
                 self._judge = load_judge(self.paths or Paths.resolve(), self.encoder.ref.reference)
             return self._judge
 
-    def search(self, question: str, top_k: int | None = None) -> SearchResult:
-        """Top-k entries for one question (k: the loaded config's `top_k` unless given)."""
-        return self.search_many([question], top_k)[0]
+    def entry_fits(self, question: str, entry: str) -> bool | None:
+        """Whether an entry given from outside passes the verified decision for this question: an entry of the index
+        is scored as a candidate would be (its decision probability joined with the verifier's logit, against the
+        verified cutoff; an entry that is not among the question's candidates has probability 0); another text by
+        the verifier alone (`Verification.entry_cutoff`). None when the index uses no verifier."""
+        verifier = self.entry_verifier()
+        if verifier is None or self.verification is None or self.decision is None:
+            return None
+        from .verifier import verifier_pair
+
+        logit = float(verifier.logits([verifier_pair(question, entry)])[0])
+        position = self._position_of(entry)
+        if position is None:
+            return self.verification.entry_passes(logit)
+        sig = self.signals([question], self._vectors(check_question(question)))[0]
+        at = np.flatnonzero(sig.positions == position)
+        probability = float(self.decision.probability(sig.features())[at[0]]) if len(at) else 0.0
+        combined = self.verification.scores(np.asarray([logit]), np.asarray([probability]))
+        return bool(combined[0] >= self.verification.cutoff)
+
+    def _position_of(self, text: str) -> int | None:
+        """The position of the entry with exactly this text, if any."""
+        if self._text_positions is None:
+            n = self.stored.vectors.ntotal
+            self._text_positions = {str(self.stored.entry(i)["text"]): i for i in range(n)}
+        return self._text_positions.get(text)
+
+    def search(self, question: str, top_k: int | None = None, verify: bool = True) -> SearchResult:
+        """Top-k entries for one question (k: the loaded config's `top_k` unless given); `verify=False`: as the entry
+        decision alone scores them, even when the index has an entry verifier."""
+        return self.search_many([question], top_k, verify=verify)[0]
 
     def search_many(
-        self, questions: Sequence[str], top_k: int | None = None, vectors: np.ndarray | None = None
+        self,
+        questions: Sequence[str],
+        top_k: int | None = None,
+        vectors: np.ndarray | None = None,
+        verify: bool = True,
     ) -> list[SearchResult]:
         """Top-k entries for each question (one encoder batch, one Faiss call); `vectors`: their query vectors
         (nq, d), when already encoded."""
@@ -216,7 +288,7 @@ class Retriever:
                 "model folder, or retrain it with `ohlora-rag train-sbert`"
             )
         if self.decision is not None:
-            return self._decide(cleaned, vectors, top_k, start)
+            return self._decide(cleaned, vectors, top_k, start, verify)
         scores, positions = self.stored.search(vectors, top_k)  # (nq, k) each
         seconds = (time.perf_counter() - start) / max(len(cleaned), 1)
         results = []
@@ -241,21 +313,79 @@ class Retriever:
             confidence=confidence,
         )
 
-    def _decide(self, questions: list[str], vectors: np.ndarray, top_k: int, start: float) -> list[SearchResult]:
-        """Score each question's candidates with the decision model; hits ordered by its probability."""
+    def _decide(
+        self, questions: list[str], vectors: np.ndarray, top_k: int, start: float, verify: bool = True
+    ) -> list[SearchResult]:
+        """Score each question's candidates with the decision model — its best few re-scored with the entry verifier
+        when the index uses one — and order the hits by that probability."""
         assert self.decision is not None
         signals = self.signals(questions, vectors)
+        probabilities = [self.decision.probability(sig.features()) for sig in signals]  # (c,) each
+        orders = [np.argsort(-prob, kind="stable") for prob in probabilities]
         seconds = (time.perf_counter() - start) / max(len(questions), 1)
+        decided = self._results(questions, signals, probabilities, orders, top_k, self.decision.cutoff, seconds)
+        verifier = self.entry_verifier() if verify else None
+        if verifier is None or self.verification is None:
+            return decided
+        probabilities, orders = self._verify(verifier, self.verification, questions, signals, probabilities, orders)
+        seconds = (time.perf_counter() - start) / max(len(questions), 1)
+        verified = self._results(questions, signals, probabilities, orders, top_k, self.verification.cutoff, seconds)
+        for result, before in zip(verified, decided):
+            result.decided = before
+        return verified
+
+    def _results(
+        self,
+        questions: list[str],
+        signals: list[Signals],
+        probabilities: list[np.ndarray],
+        orders: list[np.ndarray],
+        top_k: int,
+        cutoff: float,
+        seconds: float,
+    ) -> list[SearchResult]:
         results = []
-        for question, sig in zip(questions, signals):
-            prob = self.decision.probability(sig.features())  # (c,)
-            order = np.argsort(-prob, kind="stable")[:top_k]
+        for question, sig, prob, order in zip(questions, signals, probabilities, orders):
             hits = [
-                self._hit(int(sig.positions[i]), float(sig.cosine[i]), prob[i] >= self.decision.cutoff, float(prob[i]))
-                for i in order
+                self._hit(int(sig.positions[i]), float(sig.cosine[i]), prob[i] >= cutoff, float(prob[i]))
+                for i in order[:top_k]
             ]
-            results.append(SearchResult(question, hits, None, seconds, self.decision.cutoff))
+            results.append(SearchResult(question, hits, None, seconds, cutoff))
         return results
+
+    def _verify(
+        self,
+        verifier: EntryVerifier,
+        verification: Verification,
+        questions: list[str],
+        signals: list[Signals],
+        probabilities: list[np.ndarray],
+        orders: list[np.ndarray],
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The decision's best `verification.candidates` candidates of each question re-scored with the verifier (one
+        batch for all questions) and put first, best first; the others follow in the decision's order, never
+        matched."""
+        from .verifier import verifier_pair
+
+        n = verification.candidates
+        pairs = [
+            verifier_pair(q, self.stored.entry(int(sig.positions[i]))["text"])
+            for q, sig, order in zip(questions, signals, orders)
+            for i in order[:n]
+        ]
+        logits = verifier.logits(pairs)
+        new_probabilities, new_orders = [], []
+        offset = 0
+        for prob, order in zip(probabilities, orders):
+            top = order[:n]
+            combined = verification.scores(logits[offset : offset + len(top)], prob[top])
+            offset += len(top)
+            # the rest: below the re-scored ones and the cutoff, so never matched and never ranked above them
+            rescored = np.minimum(prob, np.nextafter(min(float(combined.min()), verification.cutoff), 0.0))
+            rescored[top] = combined
+            new_probabilities.append(rescored)
+            new_orders.append(np.concatenate([top[np.argsort(-combined, kind="stable")], order[n:]]))
+        return new_probabilities, new_orders
 
     def signals(
         self, questions: Sequence[str], vectors: np.ndarray | None = None, skip_own: bool = False

@@ -145,7 +145,7 @@ def create_app(load: Callable[[], QueryEngine], config: ServeConfig | None = Non
             engine = load()
             retriever = getattr(engine, "retriever", None)
             if retriever is not None:
-                retriever.follow_judge()  # before "ready": no request waits for it or shares the CPU with its loading
+                retriever.load_pair_models()  # before "ready": no request waits for them or shares the CPU with loading
             state.engine = engine
         except OhloraError as exc:
             state.error = str(exc)

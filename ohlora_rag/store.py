@@ -82,6 +82,8 @@ class Manifest:
     """The fitted entry decision (decision.DecisionModel as a dict); None means the cosine threshold alone."""
     follow: dict[str, Any] | None = None
     """The fitted follow-up model (conversation.FollowModel as a dict); None means the hand-written rule."""
+    verify: dict[str, Any] | None = None
+    """How the entry verifier joins the decision (verifier.Verification as a dict); None: the decision alone."""
     lexical: bool = False
     """The build holds a BM25 index of the entries and the entries' score statistics (hybrid retrieval)."""
     known_questions: int = 0
@@ -116,6 +118,7 @@ _MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "threshold": (int, float, type(None)),
     "decision": (dict, type(None)),
     "follow": (dict, type(None)),
+    "verify": (dict, type(None)),
     "lexical": (bool,),
     "known_questions": (int,),
     "files": (dict, type(None)),

@@ -20,6 +20,7 @@ from ohlora_rag.config import (
     SbertTrainConfig,
     SearchConfig,
     ServeConfig,
+    VerifierTrainConfig,
     option_name,
 )
 
@@ -37,13 +38,14 @@ CONFIGS: dict[str, list[type]] = {
     "train-sbert": [SbertTrainConfig],
     "train-llm": [LlmTrainConfig],
     "train-judge": [JudgeTrainConfig],
+    "train-verifier": [VerifierTrainConfig],
     "evaluate-trust": [IndexConfig],
 }
 #: Options that are not settings: what a command reads or measures, and how it prints.
 NOT_SETTINGS: dict[str, set[str]] = {
     "search": {"--json"},
     "ask": {"--file", "--out", "--json", "--stream"},
-    "evaluate-answers": {"--data", "--full-pipeline", "--limit", "--json"},
+    "evaluate-answers": {"--data", "--full-pipeline", "--verify-entries", "--limit", "--json"},
     "evaluate-retrieval": {"--pairs", "--model", "--db", "--save-threshold", "--json"},
     "evaluate-trust": {"--questions", "--calibrate", "--db", "--model", "--variants", "--json"},
     "evaluate-conversations": {"--data", "--json"},

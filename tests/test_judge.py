@@ -49,7 +49,7 @@ def test_build_index_takes_up_a_trained_judge_and_conversations_use_it(
     assert record["turns"] > 0 and record["config"]["seed"] == 42 and len(record["metrics"]["loss"]) == 2
 
     retriever = Retriever.load(paths=Paths.resolve())
-    retriever.preload_judge()  # in the background; follow_judge waits for it and returns the same judge
+    retriever.preload()  # in the background; follow_judge waits for it and returns the same judge
     judge = retriever.follow_judge()
     assert judge is not None and retriever.follow is not None and retriever.follow_judge() is judge
     calls: list[int] = []
@@ -131,9 +131,17 @@ def test_a_replayed_history_is_judged_once(judged_home: Path, monkeypatch: pytes
     history = ["what is precision", "how is it computed?", "and why does that help?", "what is dropout", "example?"]
     first = Conversation.replay(retriever, history)
     forwards: list[int] = []
-    forward = judge._forward
-    monkeypatch.setattr(judge, "_forward", lambda pairs: forwards.append(len(pairs)) or forward(pairs))
+    scores = judge._scores
+    monkeypatch.setattr(judge, "_scores", lambda pairs: forwards.append(len(pairs)) or scores(pairs))
     again = Conversation.replay(retriever, history)
     assert forwards == [] and [t.follow_up for t in again.turns] == [t.follow_up for t in first.turns]
     fresh = judge.logits([("topic: x | asked: y", "a question never judged | alone: nothing (unsure)")] * 2)
     assert forwards == [1] and fresh[0] == fresh[1]
+
+
+def test_a_question_longer_than_the_judge_reads_is_cut_not_an_error(judged_home: Path) -> None:
+    retriever = Retriever.load(paths=Paths.resolve())
+    conversation = Conversation(retriever)
+    conversation.search("what is precision")
+    conversation.search("and why " * 400 + "?")  # longer than --max-length on its own
+    assert len(conversation.turns) == 2

@@ -86,3 +86,11 @@ def test_default_tutor_encoder_and_decision_answer_or_decline(tmp_path: Path, e5
             ]
         )
         assert follow > 0 > new
+    # the shipped entry verifier (ohlora_rag/tutor/verifier/) is joined to the decision for the project's DB, and a
+    # given entry passes the verified decision only when it answers the question
+    if (ROOT / "ohlora_rag" / "tutor" / "verifier" / "verifier.json").exists():
+        assert report.verification is not None and retriever.entry_verifier() is not None
+        text = {i: retriever.stored.entry(p)["text"] for i, p in retriever.positions_by_id().items()}
+        assert retriever.entry_fits("What is precision?", text["precision"])
+        assert not retriever.entry_fits("What is precision?", text["recall"])
+        assert not retriever.entry_fits("Who won the 2030 World Cup?", text["adamw"])

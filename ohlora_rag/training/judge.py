@@ -28,6 +28,7 @@ def train_judge_on(config: JudgeTrainConfig, paths: Paths) -> tuple[dict[str, An
         raise UsageError(f"--conversations {source}: no such file — give a labelled conversations file (JSON lines)")
     conversations = load_conversations(source)
     retriever = Retriever.load(paths=paths)
+    retriever.verification = None  # turns are replayed as the entry decision scores them (`SearchResult.unverified`)
     if retriever.decision is None:
         raise UsageError(
             f"the index at {paths.index_dir} has no fitted entry decision — run `ohlora-rag build-index` (without "
