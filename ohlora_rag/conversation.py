@@ -33,7 +33,6 @@ a chain of follow-ups stays on topic. `chat` and the server's `messages` history
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .crossencoder import joined
 from .data import ConversationTurn
 from .decision import LogisticModel
 from .errors import DataFormatError
@@ -134,9 +134,7 @@ class FollowModel(LogisticModel):
     def with_judge(self, logit: float, probability: float) -> float:
         """The model's probability combined with the judge's logit for the same turn."""
         assert self.judge is not None
-        p = min(max(probability, 1e-6), 1.0 - 1e-6)
-        z = (1.0 - self.judge) * math.log(p / (1.0 - p)) + self.judge * logit
-        return 1.0 / (1.0 + math.exp(-z))
+        return float(joined(logit, probability, self.judge))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> FollowModel:

@@ -15,10 +15,10 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
@@ -50,6 +50,34 @@ class PairKind:
     command: str  # "train-judge"
     truncation: str
     float16: bool = False  # the adapter's weights stored as float16 (half the size; logits move by ~1e-3)
+
+
+def joined(logit: Any, probability: Any, weight: float) -> Any:
+    """A pair model's logit joined with a fitted model's probability for the same thing (scalars or arrays):
+    sigmoid(weight * logit + (1 - weight) * log-odds(probability)), the probability kept inside [1e-6, 1 - 1e-6]."""
+    p = np.clip(probability, 1e-6, 1.0 - 1e-6)
+    return 1.0 / (1.0 + np.exp(-(weight * logit + (1.0 - weight) * np.log(p / (1.0 - p)))))
+
+
+_T = TypeVar("_T")
+
+
+class LoadOnce(Generic[_T]):
+    """A model loaded on first use, once: `get()` loads it (None when it cannot be), and callers meanwhile wait for
+    that load. Its own lock, so nothing else waits while a pair model loads (seconds)."""
+
+    def __init__(self, load: Callable[[], _T | None], value: _T | None = None) -> None:
+        self._load = load
+        self._value = value
+        self.tried = value is not None  # a value given up front counts as loaded
+        self._lock = threading.Lock()
+
+    def get(self) -> _T | None:
+        with self._lock:
+            if not self.tried:
+                self.tried = True
+                self._value = self._load()
+            return self._value
 
 
 class Remembering:

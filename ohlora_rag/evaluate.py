@@ -11,15 +11,14 @@ import numpy as np
 
 from .config import ENCODE_BATCH
 from .data import Pairs
-from .decision import FEATURES, DecisionModel, Outcomes, Signals, decide, fit_decision, outcomes
+from .decision import FEATURES, Outcomes, decide, fit_decision, outcomes
 from .encoder import Encoder
 
 if TYPE_CHECKING:
     from .config import Paths
-    from .data import ConceptDB, ConversationTurn, LabelledQuestions
+    from .data import ConversationTurn
     from .models import ModelRef
     from .retriever import Retriever
-    from .verifier import EntryVerifier
 
 
 @dataclass
@@ -356,7 +355,7 @@ def compare_trust(
     names = list(variants) if variants else list(TRUST_VARIANTS)
     verifier = None
     if VERIFIED_VARIANT in names:
-        from .verifier import load_verifier
+        from .verifier import fit_verification, load_verifier
 
         verifier = load_verifier(paths, concepts.content_hash)
     rows = []
@@ -379,37 +378,25 @@ def compare_trust(
             if variant != VERIFIED_VARIANT:
                 rows.append(TrustRow(name, variant, decide(fitted, test_sig, test_gold, test.kinds), fitted.cutoff))
             elif verifier is not None:
-                rows.append(_verified_row(name, retriever, fitted, verifier, calib, calib_sig, test, concepts))
+                # joined as build-index joins it, searched as `search` searches
+                verification = fit_verification(
+                    verifier,
+                    calib.questions,
+                    calib_sig,
+                    calib_gold,
+                    calib.kinds,
+                    concepts.texts.__getitem__,
+                    str(calibration),
+                )
+                verified = Retriever(
+                    stored, encoder, FALLBACK_THRESHOLD, fitted, verification=verification, verifier=verifier
+                )
+                results = verified.search_many(test.questions)
+                chosen = [r.best.position if r.best else None for r in results]
+                ranked = [r.hits[0].position for r in results]
+                outcome = outcomes(chosen, test_gold, test.kinds, ranked)
+                rows.append(TrustRow(name, variant, outcome, verification.cutoff))
     return rows
-
-
-def _verified_row(
-    encoder: str,
-    retriever: Retriever,
-    decision: DecisionModel,
-    verifier: EntryVerifier,
-    calib: LabelledQuestions,
-    calib_signals: Sequence[Signals],
-    test: LabelledQuestions,
-    concepts: ConceptDB,
-) -> TrustRow:
-    """The fitted decision with the entry verifier joined as build-index joins it (`fit_verification` on the same
-    calibration questions), searched as `search` does."""
-    from .retriever import Retriever  # noqa: F811 - the class itself, at run time
-    from .verifier import fit_verification
-
-    gold = calib.positions(concepts)
-    verification = fit_verification(
-        verifier, calib.questions, calib_signals, gold, calib.kinds, concepts.texts.__getitem__, str(calib.path)
-    )
-    verified = Retriever(
-        retriever.stored, retriever.encoder, retriever.threshold, decision, verification=verification, verifier=verifier
-    )
-    results = verified.search_many(test.questions)
-    chosen = [r.best.position if r.best else None for r in results]
-    ranked = [r.hits[0].position for r in results]
-    outcome = outcomes(chosen, test.positions(concepts), test.kinds, ranked)
-    return TrustRow(encoder, VERIFIED_VARIANT, outcome, verification.cutoff)
 
 
 # ----------------------------------------------------------------------------------------------- conversations

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .config import FALLBACK_THRESHOLD, Paths, SearchConfig
+from .crossencoder import LoadOnce
 from .decision import CANDIDATES, DecisionModel, Signals
 from .encoder import Encoder
 from .errors import IndexMismatchError, OhloraError, UsageError
@@ -142,13 +143,9 @@ class Retriever:
         self._known_words: dict[int, Counter[str]] | None = (
             None  # entry -> how many of its known questions have a token
         )
-        self.paths: Paths | None = None  # where `follow_judge` looks for the judge (set by `load`)
-        self._judge: FollowJudge | None = None
-        self._judge_tried = False
-        self._judge_lock = threading.Lock()  # not `_lock`: loading takes seconds, and searches must not wait for it
-        self._verifier = verifier  # loaded on first use (`entry_verifier`) unless given
-        self._verifier_tried = verifier is not None
-        self._verifier_lock = threading.Lock()
+        self.paths: Paths | None = None  # where the pair models are looked for (set by `load`)
+        self._judge: LoadOnce[FollowJudge] = LoadOnce(self._load_judge)
+        self._verifier: LoadOnce[EntryVerifier] = LoadOnce(self._load_verifier, verifier)
         self._text_positions: dict[str, int] | None = None
 
     @classmethod
@@ -195,7 +192,7 @@ class Retriever:
     def preload(self) -> None:
         """Start loading the entry verifier and the follow-up judge (`entry_verifier`, `follow_judge`) in a background
         thread (5 s here), so the first question does not wait for them."""
-        if (self.verification is not None and not self._verifier_tried) or (self.uses_judge and not self._judge_tried):
+        if (self.verification is not None and not self._verifier.tried) or (self.uses_judge and not self._judge.tried):
             threading.Thread(target=self.load_pair_models, name="ohlora-pair-models", daemon=True).start()
 
     def load_pair_models(self) -> None:
@@ -207,15 +204,12 @@ class Retriever:
         """The entry verifier (`verifier.py`) when the index's decision uses one, loaded on first use: models/verifier/
         if trained, else the shipped one. None when the decision uses none, or it cannot be loaded — then the decision
         decides alone (one warning)."""
-        if self.verification is None:
-            return None
-        with self._verifier_lock:
-            if not self._verifier_tried:
-                self._verifier_tried = True
-                from .verifier import load_verifier
+        return self._verifier.get() if self.verification is not None else None
 
-                self._verifier = load_verifier(self.paths or Paths.resolve(), self.stored.manifest.corpus_hash)
-            return self._verifier
+    def _load_verifier(self) -> EntryVerifier | None:
+        from .verifier import load_verifier
+
+        return load_verifier(self.paths or Paths.resolve(), self.stored.manifest.corpus_hash)
 
     @property
     def uses_judge(self) -> bool:
@@ -226,15 +220,12 @@ class Retriever:
         """The follow-up judge (`judge.py`) when the index's follow-up model uses one, loaded on first use:
         models/judge/ if trained, else the shipped one. None when the model uses none, or the judge cannot be loaded
         — then the follow-up model decides alone (one warning)."""
-        if not self.uses_judge:
-            return None
-        with self._judge_lock:
-            if not self._judge_tried:
-                self._judge_tried = True
-                from .judge import load_judge
+        return self._judge.get() if self.uses_judge else None
 
-                self._judge = load_judge(self.paths or Paths.resolve(), self.encoder.ref.reference)
-            return self._judge
+    def _load_judge(self) -> FollowJudge | None:
+        from .judge import load_judge
+
+        return load_judge(self.paths or Paths.resolve(), self.encoder.ref.reference)
 
     def entry_fits(self, question: str, entry: str) -> bool | None:
         """Whether an entry given from outside passes the verified decision for this question: an entry of the index

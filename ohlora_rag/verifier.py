@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .config import DEFAULT_TUTOR_ENCODER, Paths, VerifierTrainConfig
-from .crossencoder import PairKind, Remembering, load_pair_model, read_pair_model, train_pair_model
+from .crossencoder import PairKind, Remembering, joined, load_pair_model, read_pair_model, train_pair_model
 from .decision import Signals, best_cutoff, fit_decision
 from .errors import DataFormatError
 
@@ -81,9 +81,7 @@ class Verification:
 
     def scores(self, logits: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
         """The combined probability of each candidate (both arrays: the same candidates)."""
-        p = np.clip(probabilities, 1e-6, 1 - 1e-6)
-        z = self.weight * logits + (1 - self.weight) * np.log(p / (1 - p))
-        return 1.0 / (1.0 + np.exp(-z))
+        return np.asarray(joined(logits, probabilities, self.weight))
 
     def entry_passes(self, logit: float) -> bool:
         return 1.0 / (1.0 + math.exp(-logit)) >= self.entry_cutoff
@@ -299,8 +297,3 @@ def _entry_cutoff(
     gain = [(r >= c).mean() - (w >= c).mean() for c in cuts]
     logit = float(cuts[int(np.argmax(gain))])
     return round(1.0 / (1.0 + math.exp(-logit)) - 1e-6, 6)
-
-
-def check_entries(verifier: EntryVerifier, verification: Verification, pairs: Sequence[tuple[str, str]]) -> list[bool]:
-    """Whether each (question, entry) pair passes the verifier alone (`Verification.entry_cutoff`)."""
-    return [verification.entry_passes(x) for x in verifier.logits(pairs).tolist()]

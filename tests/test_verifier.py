@@ -117,9 +117,12 @@ def test_search_rescores_the_decisions_best_candidates_with_the_verifier(verifie
     assert result.hits[0].confidence == pytest.approx(float(combined.max()))
     assert result.hits[0].matched == (combined.max() >= verification.cutoff)
     assert not any(h.matched for h in result.hits[verification.candidates :])
-    # a given entry: the verifier alone against its own cutoff
-    fits = retriever.entry_fits(question, texts[0])
-    assert fits == verification.entry_passes(float(logits[0]))
+    # a given entry of the index: scored as that candidate is (its decision probability joined with the verifier's
+    # logit, against the verified cutoff); a text that is no entry: the verifier alone against its own cutoff
+    assert retriever.entry_fits(question, texts[0]) == bool(combined[0] >= verification.cutoff)
+    other = "precision : a made-up text that is no entry of this DB"
+    outside = float(verifier.logits([verifier_pair(question, other)])[0])
+    assert retriever.entry_fits(question, other) == verification.entry_passes(outside)
 
 
 def test_the_same_seed_trains_the_same_verifier(verified_home: Path) -> None:
