@@ -124,13 +124,13 @@ def held_out_sets(path: Path, paraphrase_files: list[Path], folder: Path) -> dic
 
 
 def hybrid_recall(
-    encoder: object, concepts: object, train: Path, held: dict[str, Path], known: bool = False
+    encoder: object, concepts: object, train: Path, held: dict[str, Path], known: bool = False, fit: Path | None = None
 ) -> dict[str, float]:
-    """Whole-DB Recall@1 of the entry decision's ranking (dense + BM25 + names [+ known questions]), its model
-    fitted on the training questions: per held-out set, the share of questions whose best-scored entry is their 1.0
-    entry."""
+    """Whole-DB Recall@1 of the entry decision's ranking (dense + BM25 + names [+ known questions: the training
+    questions]), its model fitted on `fit` (default: the training questions, each scored without its own key): per
+    held-out set, the share of questions whose best-scored entry is their 1.0 entry."""
     from ohlora_rag.build import fit_on, in_memory_index, known_questions
-    from ohlora_rag.config import ENCODE_BATCH
+    from ohlora_rag.config import ENCODE_BATCH, Paths
     from ohlora_rag.data import load_labelled_questions
     from ohlora_rag.decision import decide
     from ohlora_rag.retriever import Retriever
@@ -139,7 +139,9 @@ def hybrid_recall(
     labelled = load_labelled_questions(train)
     if known:
         stored.known = known_questions(labelled, concepts, encoder, ENCODE_BATCH)  # type: ignore[arg-type]
-    model = fit_on(stored, encoder, concepts, labelled)  # type: ignore[arg-type]
+    if fit is not None:
+        labelled = load_labelled_questions(fit)
+    model, _ = fit_on(stored, encoder, concepts, labelled, Paths.resolve(ROOT), verify=False)  # type: ignore[arg-type]
     retriever = Retriever(stored, encoder, 0.5)  # type: ignore[arg-type]
     out = {}
     for name, path in held.items():
@@ -186,6 +188,14 @@ def main() -> None:
         help="train on all of --data, measure on these rewordings of its questions (bench/seed_paraphrases*.csv); "
         "repeat for several sets",
     )
+    parser.add_argument(
+        "--calibrate",
+        type=Path,
+        action="append",
+        default=[],
+        help="fit the entry decision (R@1 hyb / known) on these rewordings of the training questions (the same "
+        "index,paraphrase format) instead of the training questions themselves; repeat for several",
+    )
     parser.add_argument("--db", type=Path, help="DB to rank against (default: the entries of the pairs)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=42, help="training seed")
@@ -229,6 +239,11 @@ def run(args: argparse.Namespace, work: Path) -> None:
             args.data, args.holdout, args.seed if args.split_seed is None else args.split_seed, work
         )
         held = {"held-out": valid_file}
+    fit = None
+    if args.calibrate:
+        fit = write_rows(
+            work / "calibration.csv", [r for p in args.calibrate for r in reworded(read_rows(args.data), args.data, p)]
+        )
     first = next(iter(held))  # train-sbert validates (and calibrates) on the first set (for several: all)
     valid = held[first]
     held_pairs = {name: load_pairs(path, split=None) for name, path in held.items()}
@@ -246,8 +261,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
 
     def measure(model: ModelRef) -> dict[str, RetrievalReport]:
         encoder = Encoder(model)
-        hybrid[model.reference] = hybrid_recall(encoder, concepts, train, held)
-        with_known[model.reference] = hybrid_recall(encoder, concepts, train, held, known=True)
+        hybrid[model.reference] = hybrid_recall(encoder, concepts, train, held, fit=fit)
+        with_known[model.reference] = hybrid_recall(encoder, concepts, train, held, known=True, fit=fit)
         return {name: evaluate_retrieval(encoder, pairs, db) for name, pairs in held_pairs.items()}
 
     results: dict[str, tuple[float | None, dict[str, RetrievalReport]]] = {}

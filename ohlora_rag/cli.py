@@ -903,13 +903,19 @@ def evaluate_answers_cmd(
         dtype=dtype,
         runtime=runtime,
     )
-    engine = QueryEngine.load(config, paths, retrieve=full_pipeline or verify_entries)
+    retriever = None
+    if full_pipeline or verify_entries:  # the index's checks come before the LLM's load
+        from .retriever import Retriever
+
+        retriever = Retriever.load(SearchConfig(top_k=config.top_k, threshold=config.threshold), paths)
+        if verify_entries and retriever.entry_verifier() is None:
+            raise UsageError(
+                "--verify-entries: the index uses no entry verifier — run `ohlora-rag build-index` "
+                "(without --no-verifier)"
+            )
+    engine = QueryEngine.load(config, paths, retrieve=retriever is not None, retriever=retriever)
     _loaded(engine)
     choice = engine.generator.choice
-    if verify_entries and (engine.retriever is None or engine.retriever.entry_verifier() is None):
-        raise UsageError(
-            "--verify-entries: the index uses no entry verifier — run `ohlora-rag build-index` (without --no-verifier)"
-        )
 
     def generate(question: str, entry: str | None) -> str:
         return engine.stream_with(question, entry, verify=verify_entries).answer().answer

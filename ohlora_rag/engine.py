@@ -203,16 +203,17 @@ class QueryEngine:
         paths: Paths | None = None,
         retrieve: bool = True,
         batch: int | None = None,
+        retriever: Retriever | None = None,
     ) -> QueryEngine:
         """Load the index + encoder (unless `retrieve` is False: answers from given entries only) and the LLM;
-        `batch` generates up to that many concurrent answers together (the server)."""
+        `batch` generates up to that many concurrent answers together (the server); `retriever`: one loaded already
+        (its index checked before the LLM's load), used instead of loading another."""
         configure_threads()  # a no-op when the caller imported torch already
         config = config or AskConfig()
         paths = paths or Paths.resolve()
         start = time.perf_counter()
-        retriever = (
-            Retriever.load(SearchConfig(top_k=config.top_k, threshold=config.threshold), paths) if retrieve else None
-        )
+        if retriever is None and retrieve:
+            retriever = Retriever.load(SearchConfig(top_k=config.top_k, threshold=config.threshold), paths)
         choice = choose_llm(config.base_llm, config.adapter, paths, config.template, config.use_adapter)
         if batch:
             from .batching import Batcher

@@ -147,6 +147,10 @@ def test_a_damaged_verifier_leaves_the_decision_alone(verified_home: Path, capsy
 def test_no_verifier_flag_and_which_verifier_serves_which_db(verified_home: Path) -> None:
     assert "entry verifier" not in _build(verified_home, "--no-verifier")
     assert _manifest(verified_home)["verify"] is None
+    # asking for the check on such an index fails on the index, before any LLM is loaded (this one does not exist)
+    args = ["evaluate-answers", "--verify-entries", "--base-llm", str(verified_home / "no-llm"), "--no-adapter"]
+    result = runner.invoke(app, args)
+    assert result.exit_code != 0 and "--verify-entries: the index uses no entry verifier" in result.output
     user = verified_home / "models" / "verifier"
     own = str(_manifest(verified_home)["corpus_hash"])
     assert verifier_folder(user, own) == user
