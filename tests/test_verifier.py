@@ -17,6 +17,7 @@ from ohlora_rag.config import Paths
 from ohlora_rag.crossencoder import HEAD_FILE
 from ohlora_rag.retriever import Retriever
 from ohlora_rag.verifier import SHIPPED_VERIFIER, Verification, training_pairs, verifier_folder, verifier_pair
+from tests.conftest import write_sft
 
 from .test_conversation import _manifest, _write_calib
 
@@ -148,7 +149,8 @@ def test_no_verifier_flag_and_which_verifier_serves_which_db(verified_home: Path
     assert "entry verifier" not in _build(verified_home, "--no-verifier")
     assert _manifest(verified_home)["verify"] is None
     # asking for the check on such an index fails on the index, before any LLM is loaded (this one does not exist)
-    args = ["evaluate-answers", "--verify-entries", "--base-llm", str(verified_home / "no-llm"), "--no-adapter"]
+    sft = str(write_sft(verified_home / "sft.csv"))
+    args = ["evaluate-answers", "--data", sft, "--verify-entries", "--base-llm", str(verified_home / "no-llm")]
     result = runner.invoke(app, args)
     assert result.exit_code != 0 and "--verify-entries: the index uses no entry verifier" in result.output
     user = verified_home / "models" / "verifier"
