@@ -12,7 +12,8 @@
 (b) measures both decisions: the cosine threshold and the fitted model (calibrated on data/trust_calib.csv for
 data/concepts.csv, with its known questions, and on the original pairs for the original DB).
 
-Run: `python bench/retrieval.py [--home DIR] [--skip-encoder] [--sizes 100000,1000000]` (about 5 minutes here).
+Run: `python bench/retrieval.py [--home DIR] [--skip-encoder] [--sizes 100000,1000000]` (about 5 minutes here);
+`--latency-only`: (b) on data/concepts.csv alone, with the search latency over the trust test file's questions.
 """
 
 from __future__ import annotations
@@ -138,7 +139,14 @@ def bench_seed_method(paths: object, db_path: Path) -> None:
     own = db_path.name == "concepts.csv"
     calibration = ROOT / "data" / "trust_calib.csv" if own else SEED_PAIRS
     known = ROOT / "data" / "sbert_train.csv" if own else None  # the project DB's default known questions
-    config = IndexConfig(db=db_path, progress=False, calibration=calibration, known_questions=known, use_known=own)
+    config = IndexConfig(
+        db=db_path,
+        progress=False,
+        calibration=calibration,
+        known_questions=known,
+        use_known=own,
+        use_conversations=False,  # the follow-up model plays no part in a search
+    )
     build_index(config, paths)  # type: ignore[arg-type]
     retriever = Retriever.load(SearchConfig(threshold=0.5), paths)  # type: ignore[arg-type]
     hybrid = Retriever.load(SearchConfig(), paths)  # type: ignore[arg-type]
@@ -232,6 +240,45 @@ def bench_seed_method(paths: object, db_path: Path) -> None:
             f"({unverified_s / unkeyed_s:.2f}x)"
         )
     print(f"   same top entry on {agree}/3 questions")
+    if own and verifier is not None:
+        bench_verified_share(hybrid, unverified)
+
+
+def bench_verified_share(hybrid: object, unverified: object) -> None:
+    """Search latency over the trust test file's questions (new wordings, near-miss and unrelated questions: none
+    of them a known or calibration question), each once, with the verified decision and with the decision alone —
+    medians and means, since the verifier runs only on the questions the decision alone does not settle."""
+    import csv
+
+    from ohlora_rag.retriever import Retriever
+
+    assert isinstance(hybrid, Retriever) and isinstance(unverified, Retriever)
+    verification, decision = hybrid.verification, hybrid.decision
+    assert verification is not None and decision is not None
+    with (ROOT / "data" / "trust_test.csv").open(encoding="utf-8") as fh:
+        questions = [row["question"] for row in csv.DictReader(fh)]
+    verifier = hybrid.entry_verifier()
+    assert verifier is not None
+    samples: dict[str, list[float]] = {"verified": [], "decision": []}
+    settled = 0
+    for q in questions:
+        for name, r in (("verified", hybrid), ("decision", unverified)):
+            r._recent.clear()
+            verifier._recent.clear()
+            start = time.perf_counter()
+            result = r.search(q, 1)
+            samples[name].append(time.perf_counter() - start)
+            if name == "decision":
+                settled += verification.settled(result.hits[0].confidence or 0.0)
+    v, d = samples["verified"], samples["decision"]
+    print(
+        f"   over data/trust_test.csv ({len(questions)} questions, each once): decision + verifier median "
+        f"{statistics.median(v) * 1e3:.1f} ms, mean {statistics.fmean(v) * 1e3:.1f} ms; decision alone median "
+        f"{statistics.median(d) * 1e3:.1f} ms, mean {statistics.fmean(d) * 1e3:.1f} ms "
+        f"({statistics.median(v) / statistics.median(d):.2f}x / {statistics.fmean(v) / statistics.fmean(d):.2f}x); "
+        f"the decision alone settles {settled}/{len(questions)} (below {verification.sure_below:.3f} or above "
+        f"{verification.sure_above:.3f}), the verifier runs on the rest"
+    )
 
 
 def read_floor(x: np.ndarray) -> tuple[float, str]:
@@ -347,6 +394,9 @@ def main() -> None:
     parser.add_argument("--skip-encoder", action="store_true", help="only run (c)")
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--hybrid-rows", type=int, default=1_000_000, help="rows for (d); 0 skips it")
+    parser.add_argument(
+        "--latency-only", action="store_true", help="only (b) on data/concepts.csv: per-question search latency"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ohlora_rag.config import Paths
@@ -360,7 +410,10 @@ def main() -> None:
                 (home / "models" / "base").symlink_to(ROOT / "models" / "base")
             if (ROOT / "models" / "sbert").exists():
                 (home / "models" / "sbert").symlink_to(ROOT / "models" / "sbert")
-        dbs = [ROOT / "data" / "concepts.csv"] + ([SEED_DB] if SEED_DB.exists() else [])
+        dbs = [ROOT / "data" / "concepts.csv"] + ([SEED_DB] if SEED_DB.exists() and not args.latency_only else [])
+        if args.latency_only:
+            bench_seed_method(paths, dbs[0])
+            return
         bench_encode(paths, dbs)
         for db in dbs[::-1]:  # the original DB first (the seed's own numbers), then the project's with known questions
             bench_seed_method(paths, db)

@@ -188,7 +188,9 @@ def build_index_cmd(
         v = report.verification
         typer.echo(
             f"entry verifier: the decision's best {v.candidates} re-scored, weight {v.weight:.2f}, cutoff "
-            f"{v.cutoff:.3f}; a given entry passes at {v.entry_cutoff:.3f} (chat and the server load it at start)"
+            f"{v.cutoff:.3f}, not run where the decision alone is below {v.sure_below:.3f} or above "
+            f"{v.sure_above:.3f} ({(v.metrics or {}).get('settled', 0.0):.0%} of the calibration questions); a given "
+            f"entry passes at {v.entry_cutoff:.3f} (chat and the server load it at start)"
         )
     if report.follow is not None:
         f = report.follow.metrics

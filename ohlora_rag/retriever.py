@@ -355,27 +355,33 @@ class Retriever:
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """The decision's best `verification.candidates` candidates of each question re-scored with the verifier (one
         batch for all questions) and put first, best first; the others follow in the decision's order, never
-        matched."""
+        matched. A question the decision alone settles (`Verification.settled`) keeps its best candidate's
+        probability, unverified."""
         from .verifier import verifier_pair
 
         n = verification.candidates
+        settled = [verification.settled(float(prob[order[0]])) for prob, order in zip(probabilities, orders)]
         pairs = [
             verifier_pair(q, self.stored.entry(int(sig.positions[i]))["text"])
-            for q, sig, order in zip(questions, signals, orders)
+            for q, sig, order, sure in zip(questions, signals, orders, settled)
+            if not sure
             for i in order[:n]
         ]
-        logits = verifier.logits(pairs)
+        logits = verifier.logits(pairs) if pairs else np.zeros(0)
         new_probabilities, new_orders = [], []
         offset = 0
-        for prob, order in zip(probabilities, orders):
-            top = order[:n]
-            combined = verification.scores(logits[offset : offset + len(top)], prob[top])
-            offset += len(top)
+        for prob, order, sure in zip(probabilities, orders, settled):
+            top = order[: 1 if sure else n]
+            if sure:
+                combined = prob[top]
+            else:
+                combined = verification.scores(logits[offset : offset + len(top)], prob[top])
+                offset += len(top)
             # the rest: below the re-scored ones and the cutoff, so never matched and never ranked above them
             rescored = np.minimum(prob, np.nextafter(min(float(combined.min()), verification.cutoff), 0.0))
             rescored[top] = combined
             new_probabilities.append(rescored)
-            new_orders.append(np.concatenate([top[np.argsort(-combined, kind="stable")], order[n:]]))
+            new_orders.append(np.concatenate([top[np.argsort(-combined, kind="stable")], order[len(top) :]]))
         return new_probabilities, new_orders
 
     def signals(

@@ -99,6 +99,8 @@ def test_search_rescores_the_decisions_best_candidates_with_the_verifier(verifie
     assert record["answers"] == 12 and record["config"]["seed"] == 42 and len(record["metrics"]["loss"]) == 1
 
     retriever = Retriever.load(paths=Paths.resolve())
+    assert retriever.verification is not None
+    retriever.verification.sure_below, retriever.verification.sure_above = 0.0, 1.0  # verify every question
     retriever.preload()
     verifier = retriever.entry_verifier()
     assert verifier is not None and retriever.entry_verifier() is verifier
@@ -124,6 +126,48 @@ def test_search_rescores_the_decisions_best_candidates_with_the_verifier(verifie
     other = "precision : a made-up text that is no entry of this DB"
     outside = float(verifier.logits([verifier_pair(question, other)])[0])
     assert retriever.entry_fits(question, other) == verification.entry_passes(outside)
+
+
+def test_a_question_the_decision_settles_is_not_verified(verified_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    verify = Verification.from_dict(_manifest(verified_home)["verify"], "manifest")
+    assert 0.0 <= verify.sure_below <= verify.cutoff <= verify.sure_above <= 1.0
+    retriever = Retriever.load(paths=Paths.resolve())
+    verification, decision = retriever.verification, retriever.decision
+    assert verification is not None and decision is not None
+    question = "what is precision"
+    prob = decision.probability(retriever.signals([question])[0].features())
+    best = float(prob.max())
+    verifier = retriever.entry_verifier()
+    assert verifier is not None
+
+    def refuse(_pairs: object) -> np.ndarray:
+        raise AssertionError("the verifier ran on a settled question")
+
+    monkeypatch.setattr(verifier, "logits", refuse)
+    # a band the best candidate lies above: taken on the decision's word, its probability as the score
+    low = min(best, verification.cutoff)
+    verification.sure_below, verification.cutoff, verification.sure_above = 0.0, low * 0.5, low * 0.75
+    taken = retriever.search(question, top_k=3)
+    assert taken.hits[0].matched and taken.hits[0].confidence == pytest.approx(best)
+    assert not any(h.matched for h in taken.hits[1:])
+    # below the band: declined without the verifier
+    verification.sure_below, verification.sure_above, verification.cutoff = best * 2, 1.0, best * 2
+    assert not retriever.search(question).hits[0].matched
+
+
+def test_the_settled_band_keeps_every_question_the_verifier_changed() -> None:
+    from ohlora_rag.verifier import SETTLED_MARGIN, _settled_band
+
+    best = np.array([0.01, 0.05, 0.2, 0.4, 0.6, 0.95, 0.99])
+    did = np.array([-1, -1, 1, -1, 0, 1, 1])  # the verifier took 0.2, declined 0.4, took another for 0.6
+    below, above = _settled_band(best, did, cutoff=0.3)
+    odds = lambda p: np.log(p / (1 - p))  # noqa: E731
+    assert odds(below) == pytest.approx(odds(0.2) - SETTLED_MARGIN, abs=1e-4)
+    assert odds(above) == pytest.approx(odds(0.6) + SETTLED_MARGIN, abs=1e-4)
+    assert below <= 0.2 and above >= 0.6  # the verifier still runs on each question it changed
+    # never across the cutoff; nothing to go by: never settled
+    assert _settled_band(np.array([0.9]), np.array([1]), cutoff=0.5) == (0.5, 1.0)
+    assert _settled_band(np.array([0.1]), np.array([-1]), cutoff=0.5) == (0.0, 0.5)
 
 
 def test_the_same_seed_trains_the_same_verifier(verified_home: Path) -> None:
@@ -165,7 +209,11 @@ def test_no_verifier_flag_and_which_verifier_serves_which_db(verified_home: Path
 def test_damaged_verification_in_the_manifest_is_one_line() -> None:
     good = Verification(0.5, 0.4, 3, 0.5).to_dict()
     assert Verification.from_dict(good, "m").candidates == 3
-    for bad in ({**good, "weight": 2.0}, {**good, "candidates": 0}, {**good, "version": 99}, "x"):
+    before = {k: v for k, v in good.items() if not k.startswith("sure_")}  # an index built before the band
+    old = Verification.from_dict(before, "m")
+    assert (old.sure_below, old.sure_above) == (0.0, 1.0) and not old.settled(0.0) and not old.settled(1.0)
+    crossed = {**good, "sure_below": 0.5}  # above the cutoff
+    for bad in ({**good, "weight": 2.0}, {**good, "candidates": 0}, {**good, "version": 99}, "x", crossed):
         with pytest.raises(Exception, match="build-index"):
             Verification.from_dict(bad, "m")
 
