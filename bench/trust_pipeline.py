@@ -5,7 +5,7 @@ end as: a grounded answer from their own entry; a decline (by the entry decision
 or an answer built on a wrong entry. Near-miss and unrelated questions end declined or answered. Also reported:
 how often the LLM declined when the decision had let a wrong entry through (its "second line of defence").
 
-Run: `python bench/trust_pipeline.py [--home DIR] [--questions FILE] [--limit N] [--max-new-tokens 80]`
+Run: `python bench/trust_pipeline.py [--home DIR] [--questions FILE] [--limit N] [--max-new-tokens 80] [--adapter DIR]`
 (about 12 minutes for the 290 questions here). Uses the index under the home folder: run `build-index` first.
 """
 
@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--questions", type=Path, default=ROOT / "data" / "trust_test.csv")
     parser.add_argument("--limit", type=int)
     parser.add_argument("--max-new-tokens", type=int, default=80)
+    parser.add_argument("--adapter", type=Path, help="LoRA adapter folder (default: the home's, else the shipped one)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -38,7 +39,7 @@ def main() -> None:
 
     paths = Paths.resolve(args.home)
     labelled = load_labelled_questions(args.questions)
-    engine = QueryEngine.load(AskConfig(max_new_tokens=args.max_new_tokens), paths)
+    engine = QueryEngine.load(AskConfig(max_new_tokens=args.max_new_tokens, adapter=args.adapter), paths)
     ids = [str(i) for i in engine.retriever.stored.entries.column("id").to_pylist()]
     texts = engine.retriever.stored.entries.column("text").to_pylist()
     n = args.limit or len(labelled)
@@ -68,6 +69,8 @@ def main() -> None:
     seconds = time.perf_counter() - start
     counts = Counter(labelled.kinds[:n])
     print(f"{args.questions} ({n} questions, {seconds / max(n, 1):.2f} s each), index {engine.retriever.stored.folder}")
+    if args.adapter:
+        print(f"  adapter {args.adapter}")
     for key in sorted(tally):
         kind = key.split(":")[0]
         print(f"  {key:<52} {tally[key]:>4}  {tally[key] / counts[kind]:.3f} of {kind}")
