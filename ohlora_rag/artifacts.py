@@ -32,8 +32,11 @@ MODEL_FORMAT_VERSION = 1
 
 
 def utc_timestamp(fmt: str = TIMESTAMP) -> str:
-    """The current UTC time as `fmt` (default `TIMESTAMP`, e.g. 2025-01-31T12:00:00Z)."""
-    return time.strftime(fmt, time.gmtime())
+    """The current UTC time as `fmt` (default `TIMESTAMP`, e.g. 2025-01-31T12:00:00Z).
+
+    Read from `time.time()`: a bare `time.gmtime()` reads the C library's coarse clock, which trails it by a few ms
+    at a second's turn (a stamp could name the second before a `time.time()` read just before it)."""
+    return time.strftime(fmt, time.gmtime(time.time()))
 
 
 # --- bytes on disk -----------------------------------------------------------------------------------------------
