@@ -2,7 +2,7 @@
 it and whose answer names it first.
 
 One row per concept of data/concepts.csv; the entry is the concept's text verbatim; the question does NOT name the
-concept (by the grounding metric's naming rule, `ohlora_rag.answers.key_terms`); the answer names it in its first
+concept (by the grounding metric's naming rule, `ohlora_rag.answers.names_concept`); the answer names it in its first
 sentence, is grounded (`ohlora_rag.answers.is_grounded`), is no decline and has 25-80 words. Prints every problem and
 exits 1 if there is one. Run: `python data/check_sft_describe.py [FILE]`.
 """
@@ -19,17 +19,8 @@ sys.path.insert(0, str(HERE.parent))
 COLUMNS = ["data_type", "concept_id", "user_question", "rag_retrieved_data", "output_message"]
 
 
-def names_concept(text: str, entry: str) -> bool:
-    """At least half the words of one of the entry's names or aliases appear in `text` (the grounding rule)."""
-    from ohlora_rag.answers import _stem, _words, key_terms
-
-    names, _ = key_terms(entry)
-    words = {_stem(w) for w in _words(text)}
-    return any(sum(w in words for w in name) * 2 >= len(name) for name in names)
-
-
 def problems(row: dict[str, str], concepts: dict[str, str]) -> list[str]:
-    from ohlora_rag.answers import is_abstention, is_grounded
+    from ohlora_rag.answers import is_abstention, is_grounded, names_concept
 
     found = []
     if list(row) != COLUMNS:

@@ -143,13 +143,21 @@ def key_terms(entry: str) -> tuple[list[list[str]], set[str]]:
     return names, content
 
 
+def _names(words: set[str], names: list[list[str]]) -> bool:
+    return any(sum(w in words for w in name) * 2 >= len(name) for name in names)
+
+
+def names_concept(text: str, entry: str) -> bool:
+    """`text` names the entry's concept: it holds at least half the words of one of its names or aliases."""
+    return _names({_stem(w) for w in _words(text)}, key_terms(entry)[0])
+
+
 def is_grounded(answer: str, entry: str) -> bool:
-    """The answer names the concept (at least half the words of one of its names or aliases) and uses at least one
-    content word of the entry's explanation."""
+    """The answer names the concept (`names_concept`) and uses at least one content word of the entry's
+    explanation."""
     names, content = key_terms(entry)
     words = {_stem(w) for w in _words(answer)}
-    named = any(sum(w in words for w in name) * 2 >= len(name) for name in names)
-    return named and (not content or bool(content & words))
+    return _names(words, names) and (not content or bool(content & words))
 
 
 def rouge_l(candidate: str, reference: str) -> float:

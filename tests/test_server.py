@@ -42,23 +42,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_ready(url: str, seconds: float) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/health").json()["status"] == "ready":
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"{url} not ready after {seconds} s")
-
-
-def _wait_for(condition: Callable[[], bool], seconds: float = 20) -> None:
+def _wait_for(condition: Callable[[], bool], seconds: float = 20, what: str = "the condition") -> None:
     deadline = time.time() + seconds
     while not condition():
-        assert time.time() < deadline, f"not so after {seconds} s"
+        assert time.time() < deadline, f"{what} not so after {seconds} s"
         time.sleep(0.02)
+
+
+def _wait_ready(url: str, seconds: float) -> None:
+    def ready() -> bool:
+        try:
+            return bool(httpx.get(url + "/health").json()["status"] == "ready")
+        except httpx.HTTPError:
+            return False
+
+    _wait_for(ready, seconds, f"{url} ready")
 
 
 def _run(config: ServeConfig, engine: QueryEngine) -> Iterator[Server]:
