@@ -12,6 +12,7 @@ Run: `python bench/trust_pipeline.py [--home DIR] [--questions FILE] [--limit N]
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -29,10 +30,11 @@ def main() -> None:
     parser.add_argument("--limit", type=int)
     parser.add_argument("--max-new-tokens", type=int, default=80)
     parser.add_argument("--adapter", type=Path, help="LoRA adapter folder (default: the home's, else the shipped one)")
+    parser.add_argument("--answers", type=Path, help="write each question, outcome and answer to this JSON-lines file")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from ohlora_rag.answers import is_grounded
+    from ohlora_rag.answers import copies_markup, is_grounded, repeats_sentence
     from ohlora_rag.config import AskConfig, Paths
     from ohlora_rag.data import load_labelled_questions
     from ohlora_rag.engine import QueryEngine
@@ -44,6 +46,8 @@ def main() -> None:
     texts = engine.retriever.stored.entries.column("text").to_pylist()
     n = args.limit or len(labelled)
     tally: Counter[str] = Counter()
+    counts_answered = 0
+    records: list[dict[str, object]] = []
     start = time.perf_counter()
     for q, kind, gold in list(zip(labelled.questions, labelled.kinds, labelled.gold))[:n]:
         answer = engine.ask(q)
@@ -66,8 +70,18 @@ def main() -> None:
             tally["in_kb: wrong entry let through"] += 1
             tally["in_kb: wrong entry let through, LLM declined"] += int(answer.declined)
         tally[f"{kind}: {outcome}"] += 1
+        records.append(
+            {"question": q, "kind": kind, "gold": gold, "used": used, "outcome": outcome, "answer": answer.answer}
+        )
+        if not answer.declined:
+            tally["answers: copy the entry's markup"] += int(copies_markup(answer.answer))
+            tally["answers: say a sentence twice"] += int(repeats_sentence(answer.answer))
+            counts_answered += 1
     seconds = time.perf_counter() - start
+    if args.answers:
+        args.answers.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     counts = Counter(labelled.kinds[:n])
+    counts["answers"] = counts_answered  # the markup and repeat shares are of the answers not declined
     print(f"{args.questions} ({n} questions, {seconds / max(n, 1):.2f} s each), index {engine.retriever.stored.folder}")
     if args.adapter:
         print(f"  adapter {args.adapter}")

@@ -160,6 +160,29 @@ def is_grounded(answer: str, entry: str) -> bool:
     return _names(words, names) and (not content or bool(content & words))
 
 
+def copies_markup(answer: str) -> bool:
+    """The answer carries the concept DB's markup into its prose: the " | " between an entry's parts or its
+    "key idea:" label (the reference answers never do)."""
+    import re
+
+    return "|" in answer or re.search(r"key idea\s*:", answer, re.IGNORECASE) is not None
+
+
+def repeats_sentence(answer: str) -> bool:
+    """The same sentence (lower-cased, at least three words) comes twice in the answer."""
+    import re
+
+    seen: set[tuple[str, ...]] = set()
+    for sentence in re.split(r"(?<=[.!?])\s+", answer):
+        words = tuple(_words(sentence))
+        if len(words) < 3:
+            continue
+        if words in seen:
+            return True
+        seen.add(words)
+    return False
+
+
 def rouge_l(candidate: str, reference: str) -> float:
     """ROUGE-L F1 over lower-cased word tokens (longest common subsequence)."""
     a, b = _words(candidate), _words(reference)
@@ -193,6 +216,8 @@ class AnswerMetrics:
     examples: list[dict[str, object]]
     wrong_entry_declined: float = float("nan")  # rows given an entry that does not answer (reference declines)
     wrong_entry_rows: int = 0
+    markup_copied: float = float("nan")  # answers that copy the entry's " | " or "key idea:" (`copies_markup`)
+    repeated_sentence: float = float("nan")  # answers that say a sentence twice (`repeats_sentence`)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -217,7 +242,7 @@ def evaluate_answers(
     """
     import time
 
-    abstain_ok = abstain_n = false_abs = grounded = with_entry = agree = wrong_ok = wrong_n = 0
+    abstain_ok = abstain_n = false_abs = grounded = with_entry = agree = wrong_ok = wrong_n = markup = repeats = 0
     rouge_sum = 0.0
     kept: list[dict[str, object]] = []
     start = time.perf_counter()
@@ -227,6 +252,8 @@ def evaluate_answers(
             agree += int(entry == gold)
         answer = generate(q, entry)
         rouge_sum += rouge_l(answer, ref)
+        markup += int(copies_markup(answer))
+        repeats += int(repeats_sentence(answer))
         if gold is None:
             abstain_n += 1
             abstain_ok += int(is_abstention(answer))
@@ -252,4 +279,6 @@ def evaluate_answers(
         examples=kept,
         wrong_entry_declined=wrong_ok / wrong_n if wrong_n else float("nan"),
         wrong_entry_rows=wrong_n,
+        markup_copied=markup / n if n else float("nan"),
+        repeated_sentence=repeats / n if n else float("nan"),
     )

@@ -950,6 +950,8 @@ def evaluate_answers_cmd(
         typer.echo(f"  wrong entry declined {metrics.wrong_entry_declined:.3f} ({metrics.wrong_entry_rows} rows)")
     typer.echo(f"  grounding            {metrics.grounding:.3f}")
     typer.echo(f"  ROUGE-L              {metrics.rouge_l:.3f}")
+    typer.echo(f"  markup copied        {metrics.markup_copied:.3f}")
+    typer.echo(f"  repeated sentence    {metrics.repeated_sentence:.3f}")
     if metrics.retrieval_agreement is not None:
         typer.echo(f"  retrieval agreement  {metrics.retrieval_agreement:.3f}")
     typer.echo(f"  seconds per answer   {metrics.seconds_per_answer:.2f}")

@@ -11,7 +11,14 @@ import pytest
 from typer.testing import CliRunner
 
 import ohlora_rag.engine as engine_module
-from ohlora_rag.answers import evaluate_answers, is_abstention, is_grounded, rouge_l
+from ohlora_rag.answers import (
+    copies_markup,
+    evaluate_answers,
+    is_abstention,
+    is_grounded,
+    repeats_sentence,
+    rouge_l,
+)
 from ohlora_rag.cli import app
 from ohlora_rag.data import SftRows
 from ohlora_rag.generator import Generation, Reply
@@ -97,6 +104,27 @@ def test_every_number_of_a_hand_made_set() -> None:
     assert m.examples == [{"question": q, "entry": e, "answer": a} for q, e, _, a in ROWS[:3]]
     assert m.seconds_per_answer >= 0
     assert m.to_dict()["wrong_entry_declined"] == 2 / 3
+    assert m.markup_copied == 0 and m.repeated_sentence == 0  # no scripted answer copies markup or repeats itself
+
+
+def test_markup_and_repeated_sentences_are_counted_over_all_answers() -> None:
+    rows = [
+        (*ENTRY_ROWS[0][:3], "Precision is TP / (TP + FP) | key idea: few false alarms."),
+        (*ENTRY_ROWS[2][:3], "Dropout zeroes units. Key idea: less co-adaptation."),
+        (*ENTRY_ROWS[3][:3], "LoRA adds low rank matrices. It is cheap to train. LoRA adds low rank matrices."),
+        NO_INFO_ROWS[0],
+    ]
+    m = evaluate_answers(ScriptedModel(rows), _sft_rows(rows))
+    assert m.markup_copied == 2 / 4 and m.repeated_sentence == 1 / 4
+
+
+def test_copies_markup_and_repeats_sentence() -> None:
+    assert copies_markup("Accuracy is easy to read | key idea: misleading on imbalanced data.")
+    assert copies_markup("Accuracy is easy to read. KEY IDEA : misleading.")
+    assert not copies_markup("The key idea is that accuracy misleads on imbalanced data.")
+    assert repeats_sentence("Dropout zeroes units. It helps. dropout zeroes units!")
+    assert not repeats_sentence("Dropout zeroes units. It helps. It helps.")  # two-word sentences do not count
+    assert not repeats_sentence("Dropout zeroes units during training. Dropout zeroes whole channels in CNNs.")
 
 
 def test_full_pipeline_answers_from_the_retrieved_entry_and_scores_by_the_gold_row() -> None:
@@ -204,6 +232,8 @@ def test_evaluate_answers_command_gives_each_row_its_entry_and_prints_every_numb
         "  wrong entry declined 0.000 (1 rows)",
         "  grounding            1.000",
         f"  ROUGE-L              {rouge:.3f}",
+        "  markup copied        0.000",
+        "  repeated sentence    0.000",
     ]
     assert result.stdout.splitlines()[-1].startswith("  seconds per answer   ")
 
