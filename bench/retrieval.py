@@ -241,28 +241,29 @@ def bench_seed_method(paths: object, db_path: Path) -> None:
         )
     print(f"   same top entry on {agree}/3 questions")
     if own and verifier is not None:
-        bench_verified_share(hybrid, unverified)
+        bench_verified_share(hybrid, unverified, retriever)
 
 
-def bench_verified_share(hybrid: object, unverified: object) -> None:
+def bench_verified_share(hybrid: object, unverified: object, threshold: object) -> None:
     """Search latency over the trust test file's questions (new wordings, near-miss and unrelated questions: none
-    of them a known or calibration question), each once, with the verified decision and with the decision alone —
-    medians and means, since the verifier runs only on the questions the decision alone does not settle."""
+    of them a known or calibration question), each once, with the verified decision, the decision alone and the
+    cosine threshold (the search before the decision), round-robin on the same questions — medians and means, since
+    the verifier runs only on the questions the decision alone does not settle."""
     import csv
 
     from ohlora_rag.retriever import Retriever
 
-    assert isinstance(hybrid, Retriever) and isinstance(unverified, Retriever)
+    assert isinstance(hybrid, Retriever) and isinstance(unverified, Retriever) and isinstance(threshold, Retriever)
     verification, decision = hybrid.verification, hybrid.decision
     assert verification is not None and decision is not None
     with (ROOT / "data" / "trust_test.csv").open(encoding="utf-8") as fh:
         questions = [row["question"] for row in csv.DictReader(fh)]
     verifier = hybrid.entry_verifier()
     assert verifier is not None
-    samples: dict[str, list[float]] = {"verified": [], "decision": []}
+    samples: dict[str, list[float]] = {"verified": [], "decision": [], "threshold": []}
     settled = 0
     for q in questions:
-        for name, r in (("verified", hybrid), ("decision", unverified)):
+        for name, r in (("verified", hybrid), ("decision", unverified), ("threshold", threshold)):
             r._recent.clear()
             verifier._recent.clear()
             start = time.perf_counter()
@@ -270,7 +271,7 @@ def bench_verified_share(hybrid: object, unverified: object) -> None:
             samples[name].append(time.perf_counter() - start)
             if name == "decision":
                 settled += verification.settled(result.hits[0].confidence or 0.0)
-    v, d = samples["verified"], samples["decision"]
+    v, d, t = samples["verified"], samples["decision"], samples["threshold"]
     print(
         f"   over data/trust_test.csv ({len(questions)} questions, each once): decision + verifier median "
         f"{statistics.median(v) * 1e3:.1f} ms, mean {statistics.fmean(v) * 1e3:.1f} ms; decision alone median "
@@ -278,6 +279,13 @@ def bench_verified_share(hybrid: object, unverified: object) -> None:
         f"({statistics.median(v) / statistics.median(d):.2f}x / {statistics.fmean(v) / statistics.fmean(d):.2f}x); "
         f"the decision alone settles {settled}/{len(questions)} (below {verification.sure_below:.3f} or above "
         f"{verification.sure_above:.3f}), the verifier runs on the rest"
+    )
+    print(
+        f"   the same questions with the cosine threshold: median {statistics.median(t) * 1e3:.1f} ms, mean "
+        f"{statistics.fmean(t) * 1e3:.1f} ms; decision + verifier / threshold "
+        f"{statistics.median(v) / statistics.median(t):.2f}x median, {statistics.fmean(v) / statistics.fmean(t):.2f}x "
+        f"mean; decision alone / threshold {statistics.median(d) / statistics.median(t):.2f}x median, "
+        f"{statistics.fmean(d) / statistics.fmean(t):.2f}x mean"
     )
 
 
