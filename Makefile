@@ -44,7 +44,7 @@ tutor: install
 	H=$$(mktemp -d) && cp -r data $$H/ && \
 	$(BIN)/ohlora-rag --home $$H train-sbert --data $$H/data/sbert_train.csv --freeze-layers 9 -q && \
 	$(BIN)/ohlora-rag --home $$H train-llm --data $$H/data/sft_train.csv --data $$H/data/sft_mismatch_train.csv \
-	    --lora-r 8 --lora-alpha 16 -q && \
+	    --data $$H/data/sft_describe_train.csv --lora-r 8 --lora-alpha 16 -q && \
 	$(PY) -m ohlora_rag.importers.tutor $$H && rm -rf $$H
 
 # Reproduce ohlora_rag/tutor/judge/ (the follow-up judge that ships) from the seed, on the shipped tutor encoder, in a

@@ -30,7 +30,11 @@ ENCODE_BATCH = 32
 
 #: What train-sbert and train-llm train on when no --data is given, under the home folder.
 SBERT_TRAIN_DATA = Path("data/sbert_train.csv")
-LLM_TRAIN_DATA = (Path("data/sft_train.csv"), Path("data/sft_mismatch_train.csv"))
+LLM_TRAIN_DATA = (
+    Path("data/sft_train.csv"),
+    Path("data/sft_mismatch_train.csv"),
+    Path("data/sft_describe_train.csv"),
+)
 #: What build-index fits the follow-up model on for the project's own DB, under the home folder.
 CONVERSATIONS_TRAIN_DATA = Path("data/conversations_train.jsonl")
 
