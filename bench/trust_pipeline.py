@@ -46,7 +46,6 @@ def main() -> None:
     texts = engine.retriever.stored.entries.column("text").to_pylist()
     n = args.limit or len(labelled)
     tally: Counter[str] = Counter()
-    counts_answered = 0
     records: list[dict[str, object]] = []
     start = time.perf_counter()
     for q, kind, gold in list(zip(labelled.questions, labelled.kinds, labelled.gold))[:n]:
@@ -71,17 +70,24 @@ def main() -> None:
             tally["in_kb: wrong entry let through, LLM declined"] += int(answer.declined)
         tally[f"{kind}: {outcome}"] += 1
         records.append(
-            {"question": q, "kind": kind, "gold": gold, "used": used, "outcome": outcome, "answer": answer.answer}
+            {
+                "question": q,
+                "kind": kind,
+                "gold": gold,
+                "used": used,
+                "outcome": outcome,
+                "declined": answer.declined,
+                "answer": answer.answer,
+            }
         )
         if not answer.declined:
             tally["answers: copy the entry's markup"] += int(copies_markup(answer.answer))
             tally["answers: say a sentence twice"] += int(repeats_sentence(answer.answer))
-            counts_answered += 1
     seconds = time.perf_counter() - start
     if args.answers:
         args.answers.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     counts = Counter(labelled.kinds[:n])
-    counts["answers"] = counts_answered  # the markup and repeat shares are of the answers not declined
+    counts["answers"] = sum(not r["declined"] for r in records)  # the markup and repeat shares: of these
     print(f"{args.questions} ({n} questions, {seconds / max(n, 1):.2f} s each), index {engine.retriever.stored.folder}")
     if args.adapter:
         print(f"  adapter {args.adapter}")

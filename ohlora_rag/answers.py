@@ -161,8 +161,8 @@ def is_grounded(answer: str, entry: str) -> bool:
 
 
 def copies_markup(answer: str) -> bool:
-    """The answer carries the concept DB's markup into its prose: the " | " between an entry's parts or its
-    "key idea:" label (the reference answers never do)."""
+    """The answer carries the concept DB's markup into its prose: a "|" (what separates an entry's parts) or the
+    "key idea:" label (the reference answers have neither)."""
     import re
 
     return "|" in answer or re.search(r"key idea\s*:", answer, re.IGNORECASE) is not None

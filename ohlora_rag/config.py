@@ -344,7 +344,7 @@ class LlmTrainConfig:
     # Several files are concatenated; each may carry an optional data_type column.
     data: Path | list[Path] = knob(
         help="SFT CSV/Parquet: user_question, rag_retrieved_data, output_message; repeat to train on several "
-        f"files (default: {' and '.join(str(p) for p in LLM_TRAIN_DATA)} under --home)."
+        f"files (default: {', '.join(str(p) for p in LLM_TRAIN_DATA)} under --home)."
     )
     valid: Path | None = knob(None, "Validation rows (eval loss per epoch).")
     base_llm: str | None = knob(None, f"Base LLM: folder, built-in alias or hub id (default: {DEFAULT_LLM}).")
