@@ -48,11 +48,15 @@ tutor: install
 	$(PY) -m ohlora_rag.importers.tutor $$H && rm -rf $$H
 
 # Reproduce ohlora_rag/tutor/judge/ (the follow-up judge that ships) from the seed, on the shipped tutor encoder, in a
-# scratch home: build-index (the entry decision the judge's training turns are replayed with), then train-judge.
+# scratch home: build-index (the entry decision the judge's training turns are replayed with), then train-judge on the
+# training conversations and the three older held-out files (874 conversations: more writers; holdout4 stays held out).
 tutor-judge: install
 	H=$$(mktemp -d) && cp -r data $$H/ && \
+	cat data/conversations_train.jsonl data/conversations_holdout.jsonl data/conversations_holdout2.jsonl \
+	    data/conversations_holdout3.jsonl > $$H/train_plus.jsonl && \
 	$(BIN)/ohlora-rag --home $$H build-index -q --no-judge --no-verifier && \
-	$(BIN)/ohlora-rag --home $$H train-judge -q --out $(CURDIR)/ohlora_rag/tutor/judge && rm -rf $$H
+	$(BIN)/ohlora-rag --home $$H train-judge -q --conversations $$H/train_plus.jsonl \
+	    --out $(CURDIR)/ohlora_rag/tutor/judge && rm -rf $$H
 
 # Reproduce ohlora_rag/tutor/verifier/ (the entry verifier that ships) from the seed, on the shipped tutor encoder, in
 # a scratch home: build-index (known questions and the entry decision the training pairs come from), train-verifier.
