@@ -18,6 +18,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from .config import (
+    CONVERSATIONS_HELDOUT_DATA,
     AskConfig,
     Defaults,
     IndexConfig,
@@ -442,7 +443,7 @@ def evaluate_conversations_cmd(
         typer.Option(
             "--data",
             help='Conversations, one JSON object per line: {"turns": [{"q", "concept_id", "kind"}]} '
-            "(default: data/conversations_holdout.jsonl).",
+            f"(default: {CONVERSATIONS_HELDOUT_DATA}, the file no shipped part was trained or chosen on).",
         ),
     ] = None,
     top_k: _TopK = _D.ask.top_k,
@@ -457,7 +458,7 @@ def evaluate_conversations_cmd(
     from .retriever import Retriever
 
     paths = _paths()
-    path = data if data is not None else paths.data_dir / "conversations_holdout.jsonl"
+    path = data if data is not None else paths.home / CONVERSATIONS_HELDOUT_DATA
     conversations = load_conversations(path)
     retriever = Retriever.load(SearchConfig(top_k=top_k, threshold=threshold), paths)
     reports = {

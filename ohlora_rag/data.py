@@ -480,7 +480,7 @@ class ConversationTurn:
 
 def load_conversations(path: str | Path) -> list[list[ConversationTurn]]:
     """Multi-turn test conversations: one JSON object per line, `{"id": ..., "turns": [{"q", "concept_id",
-    "kind"}, ...]}` (see data/conversations_holdout.jsonl)."""
+    "kind"}, ...]}` (see data/conversations_holdout4.jsonl)."""
     import json
 
     path = Path(path)
