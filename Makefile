@@ -49,7 +49,7 @@ tutor: install
 
 # Reproduce ohlora_rag/tutor/judge/ (the follow-up judge that ships) from the seed, on the shipped tutor encoder, in a
 # scratch home: build-index (the entry decision the judge's training turns are replayed with), then train-judge on the
-# training conversations and the three older held-out files (874 conversations: more writers; holdout4 stays held out).
+# training conversations and the three older held-out files (874 conversations: more writers; holdout4 and holdout5 stay held out).
 tutor-judge: install
 	H=$$(mktemp -d) && cp -r data $$H/ && \
 	cat data/conversations_train.jsonl data/conversations_holdout.jsonl data/conversations_holdout2.jsonl \

@@ -11,6 +11,8 @@ Run: `python bench/train_sbert.py [--data PAIRS] [--valid PAIRS] [--epochs 2] [-
 Without --valid, `--holdout` (20 %) of the questions are held out (seeded by `--split-seed`). With `--paraphrases
 bench/seed_paraphrases.csv` both train on all 105 original questions and are measured on new wordings of them (the
 same entries and scores): unseen questions about trained entries, as a test set from the same source would be.
+`--train-paraphrases FILE` (repeatable; `bench/seed_paraphrases_train*.csv`) adds rewordings of the training questions to
+the training pairs (and so to the known questions and the decision's fitting questions).
 Repeat `--paraphrases` for several sets: each is reported, and "all" of them together (210 questions for the two
 sets here, which halves what one question is worth). The trained models are removed at the end unless `--keep`.
 "R@1 hyb" is the whole-DB Recall@1 of the entry decision's ranking (dense + BM25 + names, fitted on the training
@@ -102,14 +104,15 @@ def bare_recipe(train: Path, base_path: Path, out: Path, epochs: int, seed: int)
     return seconds, len(pairs) * epochs
 
 
-def reworded(rows: list[dict[str, str]], path: Path, paraphrases: Path) -> list[dict[str, str]]:
-    """Held-out pairs made of new wordings: every question of `rows` (read from `path`) replaced by its paraphrase
-    in `paraphrases` (index = the question's place in first-appearance order), keeping its entries and scores."""
+def reworded(rows: list[dict[str, str]], path: Path, paraphrases: Path, partial: bool = False) -> list[dict[str, str]]:
+    """Pairs made of new wordings: every question of `rows` (read from `path`) replaced by its paraphrase in
+    `paraphrases` (index = the question's place in first-appearance order), keeping its entries and scores.
+    `partial`: questions without a paraphrase are left out (training rewordings); else each needs one."""
     new = {int(r["index"]): r["paraphrase"] for r in read_rows(paraphrases)}
     order = {q: i for i, q in enumerate(dict.fromkeys(r["user_question"] for r in rows))}
-    if set(new) != set(order.values()):
+    if not set(new) <= set(order.values()) or (not partial and set(new) != set(order.values())):
         raise SystemExit(f"{paraphrases}: needs one paraphrase for each of the {len(order)} questions of {path}")
-    return [{**r, "user_question": new[order[r["user_question"]]]} for r in rows]
+    return [{**r, "user_question": new[order[r["user_question"]]]} for r in rows if order[r["user_question"]] in new]
 
 
 def held_out_sets(path: Path, paraphrase_files: list[Path], folder: Path) -> dict[str, Path]:
@@ -196,6 +199,15 @@ def main() -> None:
         help="fit the entry decision (R@1 hyb / known) on these rewordings of the training questions (the same "
         "index,paraphrase format) instead of the training questions themselves; repeat for several",
     )
+    parser.add_argument(
+        "--train-paraphrases",
+        type=Path,
+        action="append",
+        default=[],
+        help="also train on these rewordings of the training questions (index,paraphrase, not every index needed; each "
+        "keeps its question's entries and scores); they are known questions too, and the decision is fitted on all of "
+        "them; repeat for several",
+    )
     parser.add_argument("--db", type=Path, help="DB to rank against (default: the entries of the pairs)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=42, help="training seed")
@@ -239,6 +251,12 @@ def run(args: argparse.Namespace, work: Path) -> None:
             args.data, args.holdout, args.seed if args.split_seed is None else args.split_seed, work
         )
         held = {"held-out": valid_file}
+    if args.train_paraphrases:
+        rows = read_rows(args.data)
+        train = write_rows(
+            work / "train-with-rewordings.csv",
+            rows + [r for p in args.train_paraphrases for r in reworded(rows, args.data, p, partial=True)],
+        )
     fit = None
     if args.calibrate:
         fit = write_rows(

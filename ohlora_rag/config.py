@@ -37,9 +37,10 @@ LLM_TRAIN_DATA = (
 )
 #: What build-index fits the follow-up model on for the project's own DB, under the home folder.
 CONVERSATIONS_TRAIN_DATA = Path("data/conversations_train.jsonl")
-#: What evaluate-conversations measures when no --data is given: the conversation file no shipped part was trained or
-#: chosen on (the shipped judge trains on the three older held-out files too).
-CONVERSATIONS_HELDOUT_DATA = Path("data/conversations_holdout4.jsonl")
+#: What evaluate-conversations measures when no --data is given: the newest conversation file no shipped part was
+#: trained or chosen on, from writers none of the others had (the shipped judge trains on the three oldest held-out
+#: files too; holdout4 has been measured three times).
+CONVERSATIONS_HELDOUT_DATA = Path("data/conversations_holdout5.jsonl")
 
 #: Longest concept DB entry, in characters: the encoder reads the first few hundred tokens, and the answering LLM's
 #: whole prompt has to hold the entry (the project's longest is under 1,000).

@@ -136,12 +136,12 @@ def test_no_conversations_keeps_the_rule(home: Path) -> None:
     assert report.exit_code == 0 and "rule: right" not in report.stdout and "hand-written" in report.stdout
     # without --data it measures the one file no shipped part was trained or chosen on, and says so when it is missing
     missing = runner.invoke(app, ["evaluate-conversations"])
-    assert missing.exit_code != 0 and "conversations_holdout4.jsonl not found" in missing.output
+    assert missing.exit_code != 0 and "conversations_holdout5.jsonl not found" in missing.output
     assert "Traceback" not in missing.output
-    held_out = home / "data" / "conversations_holdout4.jsonl"
+    held_out = home / "data" / "conversations_holdout5.jsonl"
     held_out.write_bytes((home / "data" / "conversations_train.jsonl").read_bytes())
     report = runner.invoke(app, ["evaluate-conversations"])
-    assert report.exit_code == 0 and "conversations_holdout4.jsonl: " in report.stdout.splitlines()[0]
+    assert report.exit_code == 0 and "conversations_holdout5.jsonl: " in report.stdout.splitlines()[0]
 
 
 def test_a_conversation_naming_an_unknown_entry_fails_before_encoding(home: Path, tmp_path: Path) -> None:
