@@ -110,7 +110,12 @@ def reworded(rows: list[dict[str, str]], path: Path, paraphrases: Path, partial:
     `partial`: questions without a paraphrase are left out (training rewordings); else each needs one."""
     new = {int(r["index"]): r["paraphrase"] for r in read_rows(paraphrases)}
     order = {q: i for i, q in enumerate(dict.fromkeys(r["user_question"] for r in rows))}
-    if not set(new) <= set(order.values()) or (not partial and set(new) != set(order.values())):
+    unknown = set(new) - set(order.values())
+    if unknown:
+        raise SystemExit(
+            f"{paraphrases}: index {min(unknown)} is no question of {path} (it has {len(order)}: 0 to {len(order) - 1})"
+        )
+    if not partial and len(new) != len(order):
         raise SystemExit(f"{paraphrases}: needs one paraphrase for each of the {len(order)} questions of {path}")
     return [{**r, "user_question": new[order[r["user_question"]]]} for r in rows if order[r["user_question"]] in new]
 
@@ -242,6 +247,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
     from ohlora_rag.models import ModelRef, resolve
     from ohlora_rag.training.sbert import train_sbert
 
+    if args.train_paraphrases and not (args.paraphrases or args.valid):
+        # with a held-out split, rewordings of its held-out questions would be trained on
+        raise SystemExit("--train-paraphrases needs --paraphrases or --valid (it rewords all of --data)")
     if args.paraphrases:
         train, held = args.data, held_out_sets(args.data, args.paraphrases, work)
     elif args.valid:
@@ -251,17 +259,15 @@ def run(args: argparse.Namespace, work: Path) -> None:
             args.data, args.holdout, args.seed if args.split_seed is None else args.split_seed, work
         )
         held = {"held-out": valid_file}
+    source = read_rows(args.data)
     if args.train_paraphrases:
-        rows = read_rows(args.data)
         train = write_rows(
             work / "train-with-rewordings.csv",
-            rows + [r for p in args.train_paraphrases for r in reworded(rows, args.data, p, partial=True)],
+            source + [r for p in args.train_paraphrases for r in reworded(source, args.data, p, partial=True)],
         )
     fit = None
     if args.calibrate:
-        fit = write_rows(
-            work / "calibration.csv", [r for p in args.calibrate for r in reworded(read_rows(args.data), args.data, p)]
-        )
+        fit = write_rows(work / "calibration.csv", [r for p in args.calibrate for r in reworded(source, args.data, p)])
     first = next(iter(held))  # train-sbert validates (and calibrates) on the first set (for several: all)
     valid = held[first]
     held_pairs = {name: load_pairs(path, split=None) for name, path in held.items()}
